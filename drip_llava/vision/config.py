@@ -1,0 +1,119 @@
+"""DRIP encoder configuration and the named presets (presets are data: model_configs/*.json)."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from transformers import PretrainedConfig
+
+PRESET_DIR = Path(__file__).parent / "model_configs"
+RATE_LOSSES = ("binomial", "hinge", "squared")
+BOUNDARY_MODES = ("hard", "soft")
+POOLS = ("cls", "mean")
+ACTS = ("gelu", "quick_gelu")
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class DripVisionConfig(PretrainedConfig):
+    """A ViT whose patch tokens are pooled into image-dependent segments after `n_pre` blocks.
+
+    `compression == 1` is the plain ViT: no boundary predictor, every patch its own token. Otherwise the
+    predictor targets a boundary rate of `1 / compression` (2x, 4x, 10x -> 0.5, 0.25, 0.1).
+    """
+
+    model_type = "drip_vision"
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 16,
+        hidden_size: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        embed_dim: int = 512,
+        n_pre: int = 2,
+        compression: float = 1.0,
+        predictor_ratio: float = 4.0,
+        boundary_temperature: float = 0.5,
+        boundary_threshold: float = 0.5,
+        boundary_mode: str = "hard",
+        rate_loss: str = "squared",
+        rate_loss_weight: float = 10.0,
+        rate_hinge_margin: float = 0.0,
+        pool: str = "cls",
+        class_token: bool = True,
+        act: str = "gelu",
+        layer_norm_eps: float = 1e-5,
+        image_mean: tuple = OPENAI_MEAN,
+        image_std: tuple = OPENAI_STD,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        if compression < 1:
+            raise ValueError(f"compression must be >= 1 (1 = plain ViT), got {compression}")
+        if compression > 1 and not 0 < n_pre < depth:
+            raise ValueError(f"n_pre must be in 1..depth-1 for DRIP, got n_pre={n_pre}, depth={depth}")
+        for name, value, allowed in (("rate_loss", rate_loss, RATE_LOSSES), ("boundary_mode", boundary_mode,
+                                     BOUNDARY_MODES), ("pool", pool, POOLS), ("act", act, ACTS)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}; valid: {allowed}")
+        if pool == "cls" and not class_token:
+            raise ValueError("pool='cls' needs class_token=True")
+        self.image_size, self.patch_size = image_size, patch_size
+        self.hidden_size, self.depth, self.num_heads, self.mlp_ratio = hidden_size, depth, num_heads, mlp_ratio
+        self.embed_dim, self.n_pre, self.compression = embed_dim, n_pre, float(compression)
+        self.predictor_ratio = predictor_ratio
+        self.boundary_temperature, self.boundary_threshold = boundary_temperature, boundary_threshold
+        self.boundary_mode, self.rate_loss, self.rate_loss_weight = boundary_mode, rate_loss, rate_loss_weight
+        self.rate_hinge_margin = rate_hinge_margin
+        self.pool, self.class_token, self.act, self.layer_norm_eps = pool, class_token, act, layer_norm_eps
+        self.image_mean, self.image_std = list(image_mean), list(image_std)
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+
+    @property
+    def is_drip(self) -> bool:
+        return self.compression > 1
+
+    @property
+    def target_rate(self) -> float:
+        return 1.0 / self.compression
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+    @property
+    def n_short(self) -> int:
+        return self.depth - self.n_pre if self.is_drip else 0
+
+    @property
+    def max_tokens(self) -> int:
+        """Upper bound of segment tokens per image (every patch its own segment)."""
+        return self.num_patches
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+@lru_cache(maxsize=None)
+def _preset_dict(name: str) -> dict:
+    path = PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        raise KeyError(f"unknown DRIP preset {name!r}; valid: {', '.join(list_presets())}")
+    return json.loads(path.read_text())
+
+
+def get_preset_config(name: str, **overrides) -> DripVisionConfig:
+    """Config of a named preset; keyword overrides replace single fields (e.g. n_pre=4, rate_loss='binomial')."""
+    return DripVisionConfig(**{**_preset_dict(name), **overrides})

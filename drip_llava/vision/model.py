@@ -1,0 +1,285 @@
+"""DRIP: a ViT that mean-pools its patch tokens into image-dependent segments.
+
+patch embed (+cls, +pos, ln_pre) -> n_pre blocks on all patches -> boundary predictor -> segment mean-pooling
+-> n_short blocks on the (padded) segments -> ln_post -> pool (cls or masked mean) -> projection.
+With `compression == 1` (or all-ones boundaries) it is exactly a plain ViT with open_clip's layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .config import DripVisionConfig, get_preset_config
+
+
+@dataclass
+class DripVisionOutput(ModelOutput):
+    """Every field is always present (None where not computed); the count of outputs never depends on flags."""
+
+    features: torch.Tensor = None  # [B,S,D] segment tokens after ln_post, CLS excluded, padded
+    mask: torch.Tensor = None  # [B,S] bool, True = real token
+    num_tokens: torch.Tensor = None  # [B] long
+    boundaries: torch.Tensor = None  # [B,L] float, 1 = last patch of a segment
+    rate_loss: torch.Tensor = None  # scalar, unweighted
+    pooled: Optional[torch.Tensor] = None  # [B,E]
+    cls_token: Optional[torch.Tensor] = None  # [B,D] after ln_post (None without a class token)
+    hidden_states: Optional[tuple] = None  # depth+1 x [B,T,D]
+    hidden_masks: Optional[tuple] = None  # depth+1 x [B,T] bool
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        # attn_mask: [B,1,1,T] bool (True = attend); SDPA picks a fused kernel on GPU
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B,H,T,Dh]
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    def __init__(self, config: DripVisionConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.ln_1 = nn.LayerNorm(D, eps=config.layer_norm_eps)
+        self.attn = Attention(D, config.num_heads)
+        self.ln_2 = nn.LayerNorm(D, eps=config.layer_norm_eps)
+        hidden = int(D * config.mlp_ratio)
+        act = QuickGELU() if config.act == "quick_gelu" else nn.GELU()
+        self.mlp = nn.Sequential(nn.Linear(D, hidden), act, nn.Linear(hidden, D))
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class BoundaryPredictor(nn.Module):
+    """Per-patch boundary logits, computed in fp32 (the sigmoid/Gumbel tails underflow in bf16)."""
+
+    def __init__(self, config: DripVisionConfig):
+        super().__init__()
+        D = config.hidden_size
+        hidden = int(D * config.predictor_ratio)
+        self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,L,D] -> [B,L]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.mlp(x.float()).squeeze(-1)
+
+
+def sample_boundaries(logits: torch.Tensor, config: DripVisionConfig, training: bool):
+    """Returns (b, soft): b [B,L] hard 0/1 values (straight-through gradient in training), soft [B,L] or None.
+
+    Training: Gumbel-Sigmoid (RelaxedBernoulli) + hard straight-through. Eval: sigmoid > threshold, no noise,
+    so an image always gets the same tokens. The last patch always closes a segment (>= 1 segment per image).
+    """
+    if training:
+        u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+        soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / config.boundary_temperature)
+        hard = (soft > config.boundary_threshold).to(soft.dtype)
+        b = hard - soft.detach() + soft
+    else:
+        soft = None
+        b = (torch.sigmoid(logits) > config.boundary_threshold).to(logits.dtype)
+    return force_last_boundary(b), (force_last_boundary(soft) if soft is not None else None)
+
+
+def force_last_boundary(b: torch.Tensor) -> torch.Tensor:
+    return torch.cat([b[:, :-1], torch.ones_like(b[:, -1:])], dim=1)
+
+
+def segment_weights(b: torch.Tensor, num_segments: int, soft: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Float pooling matrix W [B,L,S], columns normalised: segments = einsum('bld,bls->bsd', x, W).
+
+    Built from FLOAT boundaries so the task loss reaches the predictor (DTP's construction): token l sits in
+    segment excl_cumsum(b)_l; the active entry is 1 - (s - excl), which is 1 in value and has gradient +1
+    w.r.t. every earlier boundary. With `soft`, tokens get a linear-interpolation membership instead.
+    """
+    s = torch.arange(num_segments, device=b.device, dtype=b.dtype)
+    if soft is None:
+        excl = torch.cumsum(b, dim=1) - b  # [B,L]
+        diff = s[None, None, :] - excl[..., None]  # [B,L,S]
+        W = (1 - diff) * (diff.detach().abs() < 0.5).to(b.dtype)
+    else:
+        excl = torch.cumsum(soft, dim=1) - soft
+        W = (1 - (s[None, None, :] - excl[..., None]).abs()).clamp(min=0)
+    return W / W.sum(dim=1, keepdim=True).clamp(min=1e-6)
+
+
+def rate_loss(b: torch.Tensor, config: DripVisionConfig) -> torch.Tensor:
+    """Keeps the boundary rate near 1/compression. b: [B,L] boundaries (with straight-through gradient)."""
+    b = b.float()
+    p = config.target_rate
+    rate = b.mean(dim=1)
+    if config.rate_loss == "binomial":  # DTP's prior: -log Binomial(L, p).log_prob(#boundaries) / L
+        L = b.shape[1]
+        prior = torch.distributions.Binomial(total_count=L, probs=torch.tensor(p, device=b.device))
+        return (-prior.log_prob(b.sum(dim=1)) / L).mean()
+    if config.rate_loss == "hinge":  # two-sided: no push inside the margin band
+        return F.relu((rate - p).abs() - config.rate_hinge_margin).mean()
+    return ((rate - p) ** 2).mean()  # squared
+
+
+class DripVisionModel(PreTrainedModel):
+    config_class = DripVisionConfig
+    base_model_prefix = "drip"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+
+    def __init__(self, config: DripVisionConfig):
+        super().__init__(config)
+        D = config.hidden_size
+        self.patch_embed = nn.Conv2d(3, D, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
+        n_pos = config.num_patches + int(config.class_token)
+        self.class_embedding = nn.Parameter(torch.zeros(D)) if config.class_token else None
+        self.positional_embedding = nn.Parameter(torch.zeros(n_pos, D))
+        self.ln_pre = nn.LayerNorm(D, eps=config.layer_norm_eps)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.boundary_predictor = BoundaryPredictor(config) if config.is_drip else None
+        self.ln_post = nn.LayerNorm(D, eps=config.layer_norm_eps)
+        self.proj = nn.Linear(D, config.embed_dim, bias=False)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, DripVisionModel):
+            scale = self.config.hidden_size ** -0.5
+            init.normal_(module.positional_embedding, std=scale)
+            if module.class_embedding is not None:
+                init.normal_(module.class_embedding, std=scale)
+
+    # ---- construction helpers -------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "DripVisionModel":
+        """A randomly initialised model from a named preset (see `list_presets()`)."""
+        return cls(get_preset_config(name, **overrides))
+
+    @classmethod
+    def from_open_clip(cls, model_or_name, preset: Optional[str] = None, **overrides) -> "DripVisionModel":
+        from .open_clip_import import from_open_clip
+
+        return from_open_clip(cls, model_or_name, preset=preset, **overrides)
+
+    @property
+    def preprocess(self):
+        """PIL image -> normalised [3,H,W] tensor (resize shorter side, center crop), open_clip's eval transform."""
+        from torchvision import transforms as T
+
+        c = self.config
+        return T.Compose([
+            T.Resize(c.image_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(c.image_size),
+            T.Lambda(lambda im: im.convert("RGB")),
+            T.ToTensor(),
+            T.Normalize(c.image_mean, c.image_std),
+        ])
+
+    def no_weight_decay(self) -> set:
+        return {"positional_embedding", "class_embedding"}
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def _run_blocks(self, blocks, x, attn_mask, hidden, masks, token_mask):
+        for blk in blocks:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(blk, x, attn_mask, use_reentrant=False)
+            else:
+                x = blk(x, attn_mask)
+            if hidden is not None:
+                hidden.append(x)
+                masks.append(token_mask)
+        return x
+
+    def forward_features(self, pixel_values: torch.Tensor, boundaries: Optional[torch.Tensor] = None,
+                         output_hidden_states: bool = False) -> DripVisionOutput:
+        c = self.config
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [B,D,g,g]
+        x = x.flatten(2).transpose(1, 2)  # [B,L,D]
+        B, L, D = x.shape
+        if c.class_token:
+            x = torch.cat([self.class_embedding.to(x.dtype).expand(B, 1, D), x], dim=1)
+        x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
+        n_cls = int(c.class_token)
+
+        full_mask = torch.ones(B, L + n_cls, dtype=torch.bool, device=x.device)
+        hidden, masks = ([x], [full_mask]) if output_hidden_states else (None, None)
+        n_pre = c.n_pre if (c.is_drip or boundaries is not None) else c.depth
+        x = self._run_blocks(self.blocks[:n_pre], x, None, hidden, masks, full_mask)
+
+        soft = None
+        if boundaries is not None:  # caller's artificial boundaries (all ones = plain ViT)
+            if boundaries.shape != (B, L):
+                raise ValueError(f"boundaries must be [B, L] = {(B, L)}, got {tuple(boundaries.shape)}")
+            b = force_last_boundary(boundaries.to(torch.float32))
+        elif self.boundary_predictor is not None:
+            b, soft = sample_boundaries(self.boundary_predictor(x[:, n_cls:]), c, self.training)
+            if c.boundary_mode == "hard":
+                soft = None
+        else:  # plain ViT: every patch is its own segment
+            b = torch.ones(B, L, device=x.device)
+
+        num_tokens = b.detach().sum(dim=1).round().long()  # [B], >= 1 (last patch forced)
+        loss = rate_loss(b, c) if self.boundary_predictor is not None else x.new_zeros(())
+        if n_pre < c.depth:
+            S = int(num_tokens.max())  # the one host sync: the padded length of this batch
+            W = segment_weights(b, S, soft).to(x.dtype)  # [B,L,S]
+            seg = torch.einsum("bld,bls->bsd", x[:, n_cls:], W)  # [B,S,D]
+            x = torch.cat([x[:, :n_cls], seg], dim=1)
+            mask = torch.arange(S, device=x.device)[None, :] < num_tokens[:, None]  # [B,S]
+            tok_mask = torch.cat([full_mask[:, :n_cls], mask], dim=1)
+            # padded keys are masked; skip the mask when nothing is padded so SDPA can use its fastest path
+            attn_mask = None if bool(mask.all()) else tok_mask[:, None, None, :]
+            x = self._run_blocks(self.blocks[n_pre:], x, attn_mask, hidden, masks, tok_mask)
+        else:
+            mask = full_mask[:, n_cls:]
+
+        x = self.ln_post(x)
+        return DripVisionOutput(
+            features=x[:, n_cls:], mask=mask, num_tokens=num_tokens, boundaries=b, rate_loss=loss,
+            pooled=None, cls_token=x[:, 0] if n_cls else None, hidden_states=tuple(hidden) if hidden is not None else None,
+            hidden_masks=tuple(masks) if masks is not None else None,
+        )
+
+    def pool_features(self, out: DripVisionOutput) -> torch.Tensor:
+        """[B,D] before the projection: CLS token, or the mean over real segments only (padding excluded)."""
+        if self.config.pool == "cls":
+            return out.cls_token
+        m = out.mask.to(out.features.dtype)[..., None]
+        return (out.features * m).sum(1) / m.sum(1).clamp(min=1)
+
+    def forward_head(self, out: DripVisionOutput) -> torch.Tensor:
+        return self.proj(self.pool_features(out))
+
+    def forward(self, pixel_values: torch.Tensor, boundaries: Optional[torch.Tensor] = None,
+                output_hidden_states: bool = False, return_dict: bool = True) -> DripVisionOutput:
+        out = self.forward_features(pixel_values, boundaries, output_hidden_states=output_hidden_states)
+        out.pooled = self.forward_head(out)
+        return out

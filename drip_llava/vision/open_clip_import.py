@@ -1,0 +1,82 @@
+"""Import an open_clip ViT's weights into DRIP (patch embed, positions, blocks, norms, projection)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import DripVisionConfig, get_preset_config
+
+
+def _open_clip_visual(model_or_name):
+    if isinstance(model_or_name, (tuple, list)):  # ('ViT-B-32', 'laion2b_s34b_b79k'): downloads when online
+        import open_clip
+
+        name, pretrained = model_or_name
+        model_or_name = open_clip.create_model(name, pretrained=pretrained)
+    elif isinstance(model_or_name, str):
+        import open_clip
+
+        model_or_name = open_clip.create_model(model_or_name, pretrained=None)
+    return getattr(model_or_name, "visual", model_or_name)
+
+
+def config_from_visual(visual, preset: Optional[str] = None, **overrides) -> DripVisionConfig:
+    """Shape fields come from the open_clip tower; DRIP fields (compression, n_pre, ...) from the preset."""
+    blocks = visual.transformer.resblocks
+    width = visual.conv1.out_channels
+    mlp_hidden = blocks[0].mlp.c_fc.out_features
+    act = "quick_gelu" if type(blocks[0].mlp.gelu).__name__ == "QuickGELU" else "gelu"
+    shape = dict(
+        image_size=visual.image_size[0], patch_size=visual.patch_size[0], hidden_size=width,
+        depth=len(blocks), num_heads=blocks[0].attn.num_heads, mlp_ratio=mlp_hidden / width,
+        embed_dim=visual.proj.shape[1], act=act, pool="cls" if visual.pool_type == "tok" else "mean",
+        class_token=True, layer_norm_eps=visual.ln_post.eps,
+    )
+    if preset is not None:
+        base = get_preset_config(preset).to_dict()
+        for k in ("image_size", "patch_size", "hidden_size", "depth", "num_heads", "embed_dim"):
+            if base[k] != shape[k]:
+                raise ValueError(f"preset {preset!r} has {k}={base[k]} but the open_clip tower has {shape[k]}")
+        keep = {k: v for k, v in base.items() if k in DripVisionConfig().to_dict() and k not in shape}
+        shape = {**keep, **shape}
+    mean, std = getattr(visual, "image_mean", None), getattr(visual, "image_std", None)
+    if mean is not None and std is not None:
+        shape.update(image_mean=tuple(mean), image_std=tuple(std))
+    return DripVisionConfig(**{**shape, **overrides})
+
+
+def visual_state_dict_to_drip(visual) -> dict:
+    sd = {
+        "patch_embed.weight": visual.conv1.weight,
+        "class_embedding": visual.class_embedding,
+        "positional_embedding": visual.positional_embedding,
+        "ln_pre.weight": visual.ln_pre.weight, "ln_pre.bias": visual.ln_pre.bias,
+        "ln_post.weight": visual.ln_post.weight, "ln_post.bias": visual.ln_post.bias,
+        "proj.weight": visual.proj.t(),
+    }
+    for i, blk in enumerate(visual.transformer.resblocks):
+        if not isinstance(blk.ls_1, nn.Identity):
+            raise ValueError("open_clip towers with LayerScale are not supported")
+        p = f"blocks.{i}."
+        sd.update({
+            p + "ln_1.weight": blk.ln_1.weight, p + "ln_1.bias": blk.ln_1.bias,
+            p + "attn.qkv.weight": blk.attn.in_proj_weight, p + "attn.qkv.bias": blk.attn.in_proj_bias,
+            p + "attn.proj.weight": blk.attn.out_proj.weight, p + "attn.proj.bias": blk.attn.out_proj.bias,
+            p + "ln_2.weight": blk.ln_2.weight, p + "ln_2.bias": blk.ln_2.bias,
+            p + "mlp.0.weight": blk.mlp.c_fc.weight, p + "mlp.0.bias": blk.mlp.c_fc.bias,
+            p + "mlp.2.weight": blk.mlp.c_proj.weight, p + "mlp.2.bias": blk.mlp.c_proj.bias,
+        })
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def from_open_clip(cls, model_or_name, preset: Optional[str] = None, **overrides):
+    visual = _open_clip_visual(model_or_name)
+    model = cls(config_from_visual(visual, preset, **overrides))
+    missing, unexpected = model.load_state_dict(visual_state_dict_to_drip(visual), strict=False)
+    # only the (new) boundary predictor may be missing; anything else is a mapping bug
+    missing = [k for k in missing if not k.startswith("boundary_predictor.")]
+    if missing or unexpected:
+        raise RuntimeError(f"open_clip import: missing {missing}, unexpected {unexpected}")
+    return model
