@@ -1,0 +1,324 @@
+"""LLaVA-JSON supervised dataset, its collator, and the per-image visual token counts of a DRIP tower.
+
+Records are LLaVA's {id, image (relative to image_folder, optional), conversations: [{from, value}]}; text-only
+records mix with image records. A DRIP tower gives each image its own number of tokens, so the length of a sample
+after the model splices the image in is len(input_ids) - 1 + n_image_tokens. Truncation to model_max_length
+subtracts that (the exact count when known, else the tower's maximum), so the answer is never pushed out after
+splicing (LLaVA truncates after splicing: a long image could leave nothing to train on, loss 0 or NaN).
+A sample left without a supervised token is skipped and counted, as are unreadable images (or they raise
+naming the path when skip_bad_samples is off).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from .conversation import (ConversationTemplate, get_template, normalize_messages, place_image,
+                           tokenize_conversation)
+
+logger = logging.getLogger(__name__)
+
+SKIP_REASONS = ("bad_image", "no_supervised_tokens", "image_truncated")
+MAX_CONSECUTIVE_SKIPS = 50
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be used (unreadable image, ...); the message names the sample and the file."""
+
+
+def load_llava_json(path: str) -> list[dict]:
+    """A LLaVA JSON list, or JSON Lines with one record per line."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            records = [json.loads(line) for line in f if line.strip()]
+        else:
+            records = json.load(f)
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of {{id, image, conversations}} records")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or "conversations" not in r:
+            raise ValueError(f"{path}: record {i} (id {r.get('id') if isinstance(r, dict) else None!r}) "
+                             "has no 'conversations'")
+    return records
+
+
+def expand2square(img: Image.Image, background: tuple) -> Image.Image:
+    """Pad to a square with the mean colour (LLaVA-1.5's --image_aspect_ratio pad): nothing is cropped away."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), background)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+class ImageLoader:
+    """path -> [3,H,W] tensor via the tower's processor; aspect 'square' (resize+crop, LLaVA's default) or 'pad'."""
+
+    def __init__(self, image_folder: Optional[str], processor: Callable, aspect_ratio: str = "square",
+                 image_mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073)):
+        if aspect_ratio not in ("square", "pad"):
+            raise ValueError(f"image_aspect_ratio {aspect_ratio!r}; valid: square, pad")
+        self.image_folder, self.processor, self.aspect_ratio = image_folder, processor, aspect_ratio
+        self.background = tuple(int(round(255 * m)) for m in image_mean)
+
+    def path(self, rel: str) -> str:
+        return os.path.join(self.image_folder, rel) if self.image_folder else rel
+
+    def __call__(self, rel: str) -> torch.Tensor:
+        path = self.path(rel)
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+        if self.aspect_ratio == "pad":
+            img = expand2square(img, self.background)
+        return self.processor(img)
+
+
+class SkipCounter:
+    """Skip counts per reason in shared memory, so DataLoader worker processes add to the same numbers."""
+
+    def __init__(self):
+        self._counts = multiprocessing.Array("q", len(SKIP_REASONS))
+
+    def add(self, reason: str, n: int = 1):
+        with self._counts.get_lock():
+            self._counts[SKIP_REASONS.index(reason)] += n
+
+    def as_dict(self) -> dict:
+        return {r: int(self._counts[i]) for i, r in enumerate(SKIP_REASONS)}
+
+
+@dataclass
+class VisualTokenBudget:
+    """What the dataset knows about image token counts: exact per-image counts (from the tower, eval mode) when
+    computed, otherwise the tower's maximum for truncation and an estimate (num_patches * target_rate) for grouping."""
+
+    max_tokens: int
+    estimate: int
+    counts: Optional[dict] = None  # image path (as in the JSON) -> tokens
+
+    @classmethod
+    def from_vision_config(cls, config, counts: Optional[dict] = None) -> "VisualTokenBudget":
+        max_tokens = int(getattr(config, "max_tokens", config.num_patches))
+        est = int(math.ceil(config.num_patches * getattr(config, "target_rate", 1.0)))
+        return cls(max_tokens=max_tokens, estimate=min(est, max_tokens), counts=counts)
+
+    def truncation(self, image: str) -> int:
+        if self.counts is not None and image in self.counts:
+            return int(self.counts[image])
+        return self.max_tokens
+
+    def grouping(self, image: str) -> int:
+        if self.counts is not None and image in self.counts:
+            return int(self.counts[image])
+        return self.estimate
+
+
+class LazySupervisedDataset(Dataset):
+    """LLaVA JSON -> dict(input_ids, labels, image). With `preprocess_text=True` (LLaVA's non-lazy mode) every
+    conversation is tokenized once at start-up: template errors surface before training and samples that cannot
+    be supervised are dropped (and counted) up front; images are always loaded lazily."""
+
+    def __init__(self, records: Sequence[dict] | str, tokenizer, template: ConversationTemplate | str,
+                 image_loader: Optional[ImageLoader], model_max_length: int,
+                 budget: Optional[VisualTokenBudget] = None, skip_bad_samples: bool = True,
+                 preprocess_text: bool = False):
+        self.records = load_llava_json(records) if isinstance(records, str) else list(records)
+        self.tokenizer = tokenizer
+        self.template = get_template(template) if isinstance(template, str) else template
+        self.image_loader, self.model_max_length = image_loader, model_max_length
+        self.budget = budget or VisualTokenBudget(max_tokens=0, estimate=0)
+        self.skip_bad_samples = skip_bad_samples
+        self.skips = SkipCounter()
+        if any("image" in r for r in self.records) and image_loader is None:
+            raise ValueError("the data has image samples but no image loader (vision tower) was given")
+        self.index = np.arange(len(self.records))
+        self._tokens: Optional[list] = None
+        if preprocess_text:
+            keep, tokens = [], []
+            for i in tqdm(range(len(self.records)), desc="tokenizing", mininterval=2.0):
+                ids, labels, reason = self._tokenize(i)
+                if reason is not None:
+                    self.skips.add(reason)
+                    continue
+                keep.append(i)
+                tokens.append((np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)))
+            self.index, self._tokens = np.asarray(keep, dtype=np.int64), tokens
+            if not len(keep):
+                raise ValueError(f"no usable sample out of {len(self.records)} (skips: {self.skips.as_dict()})")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def sample_id(self, i: int):
+        r = self.records[int(self.index[i])] if self._tokens is not None else self.records[i]
+        return r.get("id", i)
+
+    # ---- text ----------------------------------------------------------------------------------------
+    def _tokenize(self, rec_idx: int):
+        """-> (input_ids, labels, skip_reason or None). Template/tokenization errors raise (they are bugs in the
+        data or the template, not noise to skip)."""
+        rec = self.records[rec_idx]
+        sid = rec.get("id", rec_idx)
+        has_image = "image" in rec and rec["image"] is not None
+        msgs = place_image(normalize_messages(rec["conversations"], sid), has_image, sid)
+        rendered = self.template.render(msgs, self.tokenizer, sample_id=sid)
+        ids, labels = tokenize_conversation(rendered, self.tokenizer, self.template.add_bos, sample_id=sid)
+        limit = self.model_max_length
+        if has_image:
+            limit -= self.budget.truncation(rec["image"]) - 1  # the placeholder becomes n image tokens
+        if len(ids) > limit:
+            ids, labels = ids[:max(limit, 0)], labels[:max(limit, 0)]
+            if has_image and IMAGE_TOKEN_INDEX not in ids:
+                return ids, labels, "image_truncated"
+        if all(lab == IGNORE_INDEX for lab in labels):
+            return ids, labels, "no_supervised_tokens"
+        return ids, labels, None
+
+    def text_length(self, i: int) -> int:
+        if self._tokens is not None:
+            return len(self._tokens[i][0])
+        rec = self.records[i]
+        return sum(len(t.get("value", t.get("content", "")).split()) for t in rec["conversations"])
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """Length per sample for length grouping: text (tokens if pre-tokenized, else LLaVA's word count) + the
+        image's visual tokens; negative for text-only samples so batches do not mix modalities."""
+        out = []
+        for i in range(len(self)):
+            rec = self.records[int(self.index[i])]
+            n = self.text_length(i)
+            out.append(n + self.budget.grouping(rec["image"]) if rec.get("image") is not None else -n)
+        return out
+
+    # ---- items ---------------------------------------------------------------------------------------
+    def _item(self, i: int) -> tuple[Optional[dict], Optional[str]]:
+        rec_idx = int(self.index[i])
+        rec = self.records[rec_idx]
+        if self._tokens is not None:
+            ids, labels = self._tokens[i]
+        else:
+            ids, labels, reason = self._tokenize(rec_idx)
+            if reason is not None:
+                return None, reason
+        image = None
+        if rec.get("image") is not None:
+            try:
+                image = self.image_loader(rec["image"])
+            except (OSError, ValueError, SyntaxError) as e:  # missing, truncated or undecodable files
+                msg = f"sample {rec.get('id', rec_idx)!r}: cannot read image {self.image_loader.path(rec['image'])}: {e}"
+                if not self.skip_bad_samples:
+                    raise BadSampleError(msg) from e
+                logger.warning("skipping %s", msg)
+                return None, "bad_image"
+        return {"input_ids": torch.as_tensor(ids, dtype=torch.long),
+                "labels": torch.as_tensor(labels, dtype=torch.long), "image": image}, None
+
+    def __getitem__(self, i: int) -> dict:
+        """A skipped sample is replaced by the next one (the count is kept); a long run of skips is an error."""
+        for k in range(MAX_CONSECUTIVE_SKIPS):
+            item, reason = self._item((i + k) % len(self))
+            if item is not None:
+                return item
+            self.skips.add(reason)
+        raise BadSampleError(f"{MAX_CONSECUTIVE_SKIPS} consecutive bad samples from id {self.sample_id(i)!r} "
+                             f"(skips so far: {self.skips.as_dict()}); check --data_path and --image_folder")
+
+
+@dataclass
+class DataCollatorForSupervisedDataset:
+    """Right-pads input_ids (pad id) and labels (IGNORE_INDEX); attention_mask from lengths, never from the pad id
+    (pad may equal EOS). images: [B,3,H,W] with zeros for text-only samples, or None when no sample has one."""
+
+    pad_token_id: int
+
+    def __call__(self, instances: Sequence[dict]) -> dict:
+        n = max(len(x["input_ids"]) for x in instances)
+        B = len(instances)
+        input_ids = torch.full((B, n), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((B, n), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((B, n), dtype=torch.long)
+        for b, x in enumerate(instances):
+            k = len(x["input_ids"])
+            input_ids[b, :k], labels[b, :k], attention_mask[b, :k] = x["input_ids"], x["labels"], 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "images": None}
+        imgs = [x.get("image") for x in instances]
+        ref = next((im for im in imgs if im is not None), None)
+        if ref is not None:
+            batch["images"] = torch.stack([im if im is not None else torch.zeros_like(ref) for im in imgs])
+        return batch
+
+
+# ---- exact visual token counts -------------------------------------------------------------------------
+def tower_fingerprint(vision_config: dict, select_layer: int, aspect_ratio: str) -> str:
+    blob = json.dumps({"v": vision_config, "layer": select_layer, "aspect": aspect_ratio}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def compute_image_token_counts(tower: torch.nn.Module, images: Sequence[str], loader: ImageLoader,
+                               batch_size: int = 32, rank: int = 0, world_size: int = 1,
+                               device: Optional[torch.device] = None) -> dict:
+    """Token count per image with the tower in eval mode (deterministic, batch-independent). Each rank encodes
+    a strided shard; the shards are merged with all_gather_object. Unreadable images are left out."""
+    device = device or next(tower.parameters()).device
+    dtype = next(tower.parameters()).dtype
+    mine = sorted(set(images))[rank::world_size]
+    was_training = tower.training
+    tower.eval()
+    counts = {}
+    try:
+        for s in tqdm(range(0, len(mine), batch_size), desc="visual tokens", disable=rank != 0, mininterval=2.0):
+            names, pix = [], []
+            for name in mine[s:s + batch_size]:
+                try:
+                    pix.append(loader(name))
+                    names.append(name)
+                except (OSError, ValueError, SyntaxError) as e:
+                    logger.warning("visual token count: cannot read %s: %s", loader.path(name), e)
+            if not names:
+                continue
+            _, mask = tower(torch.stack(pix).to(device=device, dtype=dtype))
+            counts.update(zip(names, mask.sum(dim=1).tolist()))
+    finally:
+        tower.train(was_training)
+    if world_size > 1:
+        gathered = [None] * world_size
+        torch.distributed.all_gather_object(gathered, counts)
+        counts = {k: v for part in gathered for k, v in part.items()}
+    return counts
+
+
+def load_or_compute_counts(cache_path: Optional[str], fingerprint: str, compute: Callable[[], dict],
+                           is_main: bool = True) -> dict:
+    """Counts cached as JSON {fingerprint, counts}; recomputed when the tower (fingerprint) changed."""
+    if cache_path and os.path.isfile(cache_path):
+        with open(cache_path, encoding="utf-8") as f:
+            cached = json.load(f)
+        if cached.get("fingerprint") == fingerprint:
+            return cached["counts"]
+        logger.info("visual token cache %s is for another tower; recomputing", cache_path)
+    counts = compute()
+    if cache_path and is_main:
+        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+        tmp = cache_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"fingerprint": fingerprint, "counts": counts}, f)
+        os.replace(tmp, cache_path)
+    return counts
