@@ -1,0 +1,297 @@
+"""LLaVA on any Llama-architecture LLM with a DRIP vision tower.
+
+One placeholder (IMAGE_TOKEN_INDEX) per image sample in input_ids; the model encodes the image, projects its
+tokens (a different count per image) and splices them in at the placeholder, then pads the batch. Because
+DRIP only knows the count after encoding, the splice happens inside the model (HF's processors expand
+"<image>" to a fixed N ahead of time, which cannot work here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel
+
+from drip_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from drip_llava.model.projector import build_projector, load_projector_weights, save_projector
+from drip_llava.model.vision_tower import DripVisionTower, build_vision_tower, load_drip_model
+
+
+@strict
+class DripLlavaConfig(LlamaConfig):
+    """A LlamaConfig plus what rebuilds the vision side: the DRIP config itself (not a path), the block to
+    read features from and the projector kind. `mm_vision_tower` only records where the tower came from."""
+
+    model_type = "drip_llava_llama"
+
+    vision_config: dict | None = None
+    mm_vision_select_layer: int = -2
+    mm_projector_type: str = "mlp2x_gelu"
+    mm_hidden_size: int | None = None
+    mm_vision_tower: str | None = None
+    unfreeze_mm_vision_tower: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.vision_config is not None and not isinstance(self.vision_config, dict):
+            self.vision_config = self.vision_config.to_dict()  # a DripVisionConfig
+        super().__post_init__(**kwargs)
+
+
+def _zero3_gathered(params: list[nn.Parameter]):
+    """Under DeepSpeed ZeRO-3 partitioned params are empty (torch.Size([0])); gather them to load weights
+    (LLaVA's "size mismatch ... torch.Size([0])"). A no-op otherwise."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+def _left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_id: int | None):
+    """Move padding to the left (generation appends on the right)."""
+    if attention_mask is None or bool(attention_mask[:, -1].all()):
+        return input_ids, attention_mask
+    keep = attention_mask.bool()
+    lengths = keep.sum(dim=1)
+    T = input_ids.shape[1]
+    ids = input_ids.new_full(input_ids.shape, 0 if pad_id is None else pad_id)
+    mask = torch.zeros_like(attention_mask)
+    for i in range(input_ids.shape[0]):
+        n = int(lengths[i])
+        ids[i, T - n:] = input_ids[i][keep[i]]
+        mask[i, T - n:] = 1
+    return ids, mask
+
+
+class DripLlavaForCausalLM(LlamaForCausalLM):
+    config_class = DripLlavaConfig
+    # The projector is trained: keep it fp32 when the LLM loads in fp16/bf16 (its output is cast explicitly).
+    _keep_in_fp32_modules_strict = ["mm_projector"]
+
+    def __init__(self, config: DripLlavaConfig):
+        # LlamaForCausalLM.__init__ inlined so the vision modules exist before post_init (weight init, tied keys).
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = LlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.vision_tower: DripVisionTower | None = None
+        self.mm_projector: nn.Module | None = None
+        if config.vision_config is not None:
+            self.vision_tower = build_vision_tower(config.vision_config, config.mm_vision_select_layer,
+                                                   frozen=not config.unfreeze_mm_vision_tower)
+            self.mm_projector = self._new_projector()
+        self.post_init()
+
+    # ------------------------------------------------------------------------------------ vision setup
+    def _new_projector(self) -> nn.Module:
+        c = self.config
+        if c.mm_hidden_size is not None and c.mm_hidden_size != self.vision_tower.hidden_size:
+            raise ValueError(f"mm_hidden_size mismatch: config says {c.mm_hidden_size}, the vision tower has width "
+                             f"{self.vision_tower.hidden_size}")
+        return build_projector(c.mm_projector_type, self.vision_tower.hidden_size, c.hidden_size)
+
+    def get_vision_tower(self) -> DripVisionTower | None:
+        return self.vision_tower
+
+    def initialize_vision_modules(self, vision_tower_spec: Any, projector_type: str = "mlp2x_gelu",
+                                  select_layer: int = -2, pretrain_mm_mlp_adapter: str | os.PathLike | None = None,
+                                  unfreeze_vision_tower: bool = False, **tower_overrides) -> None:
+        """Attach a tower + fresh projector to a model loaded from a plain Llama checkpoint (stage 1), or load
+        a stage-1 projector (`pretrain_mm_mlp_adapter`: mm_projector.safetensors / .bin / its folder) for
+        stage 2. Records everything needed to rebuild them in self.config."""
+        drip = load_drip_model(vision_tower_spec, **tower_overrides)
+        tower = DripVisionTower(drip, select_layer=select_layer, frozen=not unfreeze_vision_tower)
+        c = self.config
+        c.vision_config = tower.config.to_dict()
+        c.mm_vision_select_layer = select_layer
+        c.mm_projector_type = projector_type
+        c.mm_hidden_size = tower.hidden_size
+        c.unfreeze_mm_vision_tower = unfreeze_vision_tower
+        c.mm_vision_tower = str(vision_tower_spec) if isinstance(vision_tower_spec, (str, os.PathLike)) else None
+        ref = self.get_input_embeddings().weight
+        device = ref.device if ref.device.type != "meta" else torch.device("cpu")
+        # A frozen tower may follow the LLM's dtype; trainable weights stay fp32 (autocast handles compute).
+        tower_dtype = ref.dtype if (not unfreeze_vision_tower and ref.dtype.is_floating_point) else torch.float32
+        self.vision_tower = tower.to(device=device, dtype=tower_dtype)
+        self.mm_projector = self._new_projector().to(device=device, dtype=torch.float32)
+        self.vision_tower.train(self.training)
+        self.mm_projector.train(self.training)
+        if pretrain_mm_mlp_adapter is not None:
+            self.load_mm_projector(pretrain_mm_mlp_adapter)
+
+    def load_mm_projector(self, path: str | os.PathLike) -> dict[str, str]:
+        """Load projector weights, checking they were trained for this tower's width and this LLM's width."""
+        params = list(self.mm_projector.parameters())
+        with _zero3_gathered(params):
+            return load_projector_weights(self.mm_projector, path, self.config.mm_hidden_size, self.config.hidden_size)
+
+    def save_mm_projector(self, out_dir: str | os.PathLike, state_dict: dict | None = None,
+                          include_vision_tower: bool = True) -> Path:
+        """Stage-1 output: mm_projector.safetensors (+ widths), config.json, and the tower's own folder
+        (`vision_tower/`) so the folder reloads without the original tower path. Pass `state_dict` with
+        gathered projector weights under ZeRO-3 (keys relative to the projector or prefixed `mm_projector.`)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        c = self.config
+        path = save_projector(self.mm_projector, out, kind=c.mm_projector_type, mm_hidden_size=c.mm_hidden_size,
+                              hidden_size=c.hidden_size, state_dict=state_dict)
+        c.save_pretrained(out)
+        if include_vision_tower:
+            self.vision_tower.model.save_pretrained(out / "vision_tower")
+        return path
+
+    # ------------------------------------------------------------------------------------ encoding
+    def encode_images(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images [N,3,H,W] -> N tensors [n_i, hidden] (projected visual tokens, a different n_i per image)."""
+        if self.vision_tower is None:
+            raise RuntimeError("this model has no vision tower; call initialize_vision_modules(...) first")
+        feats, mask = self.vision_tower(images)  # [N,S,D], [N,S]
+        proj_dtype = next(self.mm_projector.parameters(), feats).dtype
+        tokens = self.mm_projector(feats.to(proj_dtype))  # [N,S,hidden]; per-token, so padding rows are inert
+        return [t[m] for t, m in zip(tokens, mask)]
+
+    def _graph_keeper(self, ref: torch.Tensor) -> torch.Tensor | None:
+        """0 * (a pass through the trainable vision modules) for batches without images, so every trainable
+        parameter gets a (zero) gradient: DDP and ZeRO hang or fail on parameters that skip a step."""
+        if not torch.is_grad_enabled():
+            return None
+        tower_trainable = any(p.requires_grad for p in self.vision_tower.parameters())
+        if tower_trainable:
+            s = self.vision_tower.config.image_size
+            dummy = torch.zeros(1, 3, s, s, device=ref.device)
+            return sum(t.sum() for t in self.encode_images(dummy)) * 0
+        params = [p for p in self.mm_projector.parameters() if p.requires_grad]
+        if not params:
+            return None
+        dummy = torch.zeros(1, self.vision_tower.hidden_size, device=ref.device, dtype=params[0].dtype)
+        return self.mm_projector(dummy).sum() * 0  # through the module (not p.sum()) so ZeRO-3 hooks gather
+
+    def prepare_inputs_labels_for_multimodal(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                                             labels: torch.Tensor | None = None, images: torch.Tensor | None = None,
+                                             padding_side: str = "right"):
+        """Splice image tokens in at the placeholders and re-pad. Returns (inputs_embeds [B,T',H], attention_mask
+        [B,T'] long, position_ids [B,T'], labels [B,T'] or None). Padding in the input (by attention_mask, on any
+        side) is dropped first; `padding_side` is that of the output ("left" for generation).
+        `images`: [B,3,H,W] aligned with the batch (rows of text-only samples are ignored), or only the
+        images of the samples that have a placeholder, in batch order."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        B = input_ids.shape[0]
+        device = input_ids.device
+        keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        is_ph = input_ids == IMAGE_TOKEN_INDEX  # [B,T]
+        n_ph = is_ph.sum(dim=1)
+        bad = (n_ph > 1).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"samples {bad} of the batch hold {[int(n_ph[i]) for i in bad]} image placeholders "
+                             f"(IMAGE_TOKEN_INDEX={IMAGE_TOKEN_INDEX}); exactly one per image sample is supported")
+        if (is_ph & ~keep).any():
+            raise ValueError("an image placeholder sits in a padded position (attention_mask == 0)")
+        has_image = n_ph == 1
+        n_img = int(has_image.sum())
+
+        feats: list[torch.Tensor] = []
+        if n_img:
+            if images is None:
+                raise ValueError(f"{n_img} samples hold an image placeholder but images=None")
+            if self.vision_tower is None:
+                raise RuntimeError("input_ids hold image placeholders but the model has no vision tower")
+            if images.shape[0] == B:
+                images = images[has_image.to(images.device)]
+            elif images.shape[0] != n_img:
+                raise ValueError(f"got {images.shape[0]} images for a batch of {B} samples of which {n_img} hold a "
+                                 "placeholder: pass one image per sample or one per placeholder")
+            feats = self.encode_images(images)
+
+        embed = self.get_input_embeddings()
+        embeds = embed(input_ids.clamp(min=0))  # placeholder rows are replaced below
+        rows, row_labels = [], []
+        img_iter = iter(feats)
+        for i in range(B):
+            e, ids = embeds[i][keep[i]], input_ids[i][keep[i]]
+            lab = labels[i][keep[i]] if labels is not None else None
+            if has_image[i]:
+                p = int(is_ph[i][keep[i]].nonzero()[0, 0])
+                f = next(img_iter).to(e.dtype)
+                e = torch.cat([e[:p], f, e[p + 1:]])
+                if lab is not None:
+                    lab = torch.cat([lab[:p], lab.new_full((f.shape[0],), IGNORE_INDEX), lab[p + 1:]])
+            rows.append(e)
+            row_labels.append(lab)
+
+        T = max(r.shape[0] for r in rows)
+        H = embeds.shape[-1]
+        out = embeds.new_zeros(B, T, H)
+        mask = torch.zeros(B, T, dtype=torch.long, device=device)
+        pos = torch.zeros(B, T, dtype=torch.long, device=device)
+        new_labels = None if labels is None else torch.full((B, T), IGNORE_INDEX, dtype=labels.dtype, device=device)
+        for i, e in enumerate(rows):
+            n = e.shape[0]
+            sl = slice(T - n, T) if padding_side == "left" else slice(0, n)
+            out[i, sl] = e
+            mask[i, sl] = 1
+            pos[i, sl] = torch.arange(n, device=device)
+            if new_labels is not None:
+                new_labels[i, sl] = row_labels[i]
+        if n_img == 0 and self.vision_tower is not None:
+            keeper = self._graph_keeper(out)
+            if keeper is not None:
+                out = out + keeper.to(out.dtype)
+        return out, mask, pos, new_labels
+
+    # ------------------------------------------------------------------------------------ forward / generate
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values=None,
+                inputs_embeds: torch.FloatTensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                images: torch.Tensor | None = None, mm_padding_side: str = "right", **kwargs):
+        """LlamaForCausalLM.forward plus `images` [B,3,H,W] (see prepare_inputs_labels_for_multimodal).
+        Splicing happens on prompt passes (no cache yet); decoding steps with a cache are plain Llama steps."""
+        if inputs_embeds is None and input_ids is not None:
+            decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+            has_ph = bool((input_ids == IMAGE_TOKEN_INDEX).any())
+            if decoding and has_ph:
+                raise ValueError("image placeholders are only allowed in the prompt pass, not with a filled cache")
+            if not decoding and (has_ph or (images is not None and self.vision_tower is not None)):
+                inputs_embeds, attention_mask, position_ids, labels = self.prepare_inputs_labels_for_multimodal(
+                    input_ids, attention_mask, labels, images, padding_side=mm_padding_side)
+                input_ids = None
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                               use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, images: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **kwargs):
+        """Generate from input_ids holding image placeholders. Returns only the NEW tokens (like LLaVA).
+        With the KV cache (default): splice once, prefill via inputs_embeds, decode with the cache. With
+        use_cache=False: every step re-splices the full sequence (a slow reference path, same tokens)."""
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        if inputs is None or "inputs_embeds" in kwargs:
+            return super().generate(inputs, attention_mask=attention_mask, **kwargs)
+        gen_config = kwargs.get("generation_config") or self.generation_config
+        use_cache = kwargs.get("use_cache", gen_config.use_cache)
+        if not use_cache:
+            inputs, attention_mask = _left_pad(inputs, attention_mask, gen_config.pad_token_id)
+            out = super().generate(inputs, attention_mask=attention_mask, images=images, mm_padding_side="left",
+                                   **kwargs)
+            n = inputs.shape[1]
+            if isinstance(out, torch.Tensor):
+                return out[:, n:]
+            out.sequences = out.sequences[:, n:]
+            return out
+        embeds, mask, _, _ = self.prepare_inputs_labels_for_multimodal(inputs, attention_mask, None, images,
+                                                                       padding_side="left")
+        return super().generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+
+
+AutoConfig.register(DripLlavaConfig.model_type, DripLlavaConfig, exist_ok=True)
+AutoModelForCausalLM.register(DripLlavaConfig, DripLlavaForCausalLM, exist_ok=True)
