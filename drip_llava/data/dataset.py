@@ -183,10 +183,10 @@ class LazySupervisedDataset(Dataset):
             limit -= self.budget.truncation(rec["image"]) - 1  # the placeholder becomes n image tokens
         if len(ids) > limit:
             ids, labels = ids[:max(limit, 0)], labels[:max(limit, 0)]
-            if has_image and IMAGE_TOKEN_INDEX not in ids:
-                return ids, labels, "image_truncated"
         if all(lab == IGNORE_INDEX for lab in labels):
             return ids, labels, "no_supervised_tokens"
+        if has_image and IMAGE_TOKEN_INDEX not in ids:  # answers before the image (unusual layouts) survive
+            return ids, labels, "image_truncated"
         return ids, labels, None
 
     def text_length(self, i: int) -> int:
