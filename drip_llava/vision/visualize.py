@@ -1,0 +1,182 @@
+"""Pictures of DRIP's segments: each segment (a run of patches in raster order) gets one translucent colour,
+borders are drawn between neighbouring patches of different segments, and the token count goes in the title.
+
+Eval mode only (threshold, no noise), so the same image always gives the same picture.
+"""
+from __future__ import annotations
+
+import argparse
+import colorsys
+import math
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .config import list_presets
+
+DISPLAY_MIN_SIZE = 448  # tiny presets (128 px) are upscaled so borders stay readable
+
+
+def load_model(spec: str, seed: int = 0, device: Optional[str] = None):
+    """A DripVisionModel from a saved folder (config.json + model.safetensors) or a preset name (random init)."""
+    from .model import DripVisionModel
+
+    path = Path(spec)
+    if path.is_dir():
+        model = DripVisionModel.from_pretrained(path)
+    elif spec in list_presets():
+        torch.manual_seed(seed)
+        model = DripVisionModel.from_preset(spec)
+    else:
+        raise FileNotFoundError(f"--model {spec!r} is neither a model folder nor a preset ({', '.join(list_presets())})")
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(dev).eval()
+
+
+def model_view(model, pil_image: Image.Image) -> Image.Image:
+    """The PIL image the model sees (resize + crop of `model.preprocess`, before ToTensor/normalise)."""
+    transforms = getattr(model.preprocess, "transforms", None)
+    if transforms is None:
+        raise TypeError("model.preprocess is expected to be a torchvision Compose")
+    view = pil_image
+    for t in transforms:
+        nxt = t(view)
+        if not isinstance(nxt, Image.Image):
+            break
+        view = nxt
+    return view.convert("RGB")
+
+
+@torch.no_grad()
+def segment_labels(model, pil_image: Image.Image) -> tuple[np.ndarray, int]:
+    """(labels [g, g] int: segment id of every patch in raster order, num_tokens) in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        p = next(model.parameters())
+        x = model.preprocess(pil_image)[None].to(device=p.device, dtype=p.dtype)
+        out = model.forward_features(x)
+    finally:
+        model.train(was_training)
+    b = out.boundaries[0].float()
+    seg = (torch.cumsum(b, 0) - b).round().long().cpu().numpy()  # exclusive cumsum = segment id
+    g = model.config.grid_size
+    return seg.reshape(g, g), int(out.num_tokens[0])
+
+
+def segment_colours(n: int) -> np.ndarray:
+    """[n, 3] uint8, golden-ratio hue steps so consecutive segments never look alike."""
+    return np.array([[int(255 * v) for v in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95)]
+                     for i in range(n)], dtype=np.uint8)
+
+
+def draw_segments(view: Image.Image, labels: np.ndarray, alpha: float = 0.4,
+                  border=(255, 255, 255)) -> Image.Image:
+    """Colour overlay (one colour per label) + borders between patches with different labels."""
+    g = labels.shape[0]
+    scale = max(1, math.ceil(DISPLAY_MIN_SIZE / view.width))
+    size = view.width * scale
+    base = view.resize((size, size), Image.BICUBIC) if scale > 1 else view.copy()
+    cell = size / g
+    colours = segment_colours(int(labels.max()) + 1)
+    overlay = Image.fromarray(colours[labels]).resize((size, size), Image.NEAREST)
+    out = Image.blend(base, overlay, alpha)
+    draw = ImageDraw.Draw(out)
+    width = max(1, round(cell / 12))
+    for r in range(g):
+        for c in range(g):
+            x0, y0, x1, y1 = c * cell, r * cell, (c + 1) * cell, (r + 1) * cell
+            if c + 1 < g and labels[r, c] != labels[r, c + 1]:
+                draw.line([(x1, y0), (x1, y1)], fill=border, width=width)
+            if r + 1 < g and labels[r, c] != labels[r + 1, c]:
+                draw.line([(x0, y1), (x1, y1)], fill=border, width=width)
+    return out
+
+
+def segment_overlay(model, pil_image: Image.Image) -> tuple[Image.Image, int]:
+    """(picture of the segments on the model's view of the image, number of tokens). Used by the Gradio app."""
+    labels, n = segment_labels(model, pil_image)
+    if int(labels.max()) + 1 != n:
+        raise RuntimeError(f"segment ids ({int(labels.max()) + 1}) disagree with num_tokens ({n})")
+    return draw_segments(model_view(model, pil_image), labels), n
+
+
+def calibrate_on_images(model, images: Sequence[Image.Image]) -> float:
+    """Random-init presets only: set the predictor bias so these images get the target token rate."""
+    from .bench import calibrate_boundary_bias
+
+    p = next(model.parameters())
+    x = torch.stack([model.preprocess(im) for im in images]).to(device=p.device, dtype=p.dtype)
+    return calibrate_boundary_bias(model, x, mode="infer")
+
+
+def render_figure(model, images: Sequence[Image.Image], names: Sequence[str], out: str, cols: Optional[int] = None,
+                  title: Optional[str] = None) -> tuple[Path, list[int]]:
+    """Grid of overlays, one per image, titles with the token count; returns (path, counts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    cols = max(1, min(cols or min(n, 3), n))
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.5 * rows), squeeze=False)
+    L = model.config.num_patches
+    counts = []
+    for ax, im, name in zip(axes.flat, images, names):
+        pic, k = segment_overlay(model, im)
+        counts.append(k)
+        ax.imshow(pic)
+        ax.set_title(f"{name}: {k} tokens / {L} patches ({L / k:.1f}x)", fontsize=10)
+    for ax in axes.flat:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path, counts
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m drip_llava.vision.visualize", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="model folder (save_pretrained) or preset name (random init)")
+    ap.add_argument("--image", action="append", required=True,
+                    help="image path or example:NAME (astronaut, chelsea, coffee, rocket, camera, grace_hopper); repeat")
+    ap.add_argument("--out", required=True, help="output PNG")
+    ap.add_argument("--cols", type=int, default=None, help="grid columns (default: up to 3)")
+    ap.add_argument("--seed", type=int, default=0, help="init seed for a preset")
+    ap.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
+                    help="set the predictor bias so the images get the target rate (default: on for presets)")
+    ap.add_argument("--device", default=None)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    from .images import image_label, load_image
+
+    args = parse_args(argv)
+    model = load_model(args.model, args.seed, args.device)
+    images = [load_image(s) for s in args.image]
+    names = [image_label(s) for s in args.image]
+    calibrate = args.calibrate if args.calibrate is not None else not Path(args.model).is_dir()
+    if calibrate and model.config.is_drip:
+        calibrate_on_images(model, images)
+    title = f"{args.model}" + (" (random init, calibrated to the target rate)" if calibrate and model.config.is_drip
+                               else "")
+    path, counts = render_figure(model, images, names, args.out, args.cols, title)
+    for name, k in zip(names, counts):
+        print(f"{name}: {k} tokens")
+    print(f"wrote {path}", file=sys.stderr)
+    return {"out": str(path), "num_tokens": counts}
+
+
+if __name__ == "__main__":
+    main()
