@@ -1,0 +1,127 @@
+"""CLIP pretraining of a DRIP (or plain ViT) image tower on webdataset image-text shards.
+
+  torchrun --nproc_per_node N -m vision_pretrain.clip --train-data 'DIR/train-{000000..000009}.tar' \
+      --model drip-tiny-16-4x --text-model tiny --batch-size 64 --steps 200 --lr 1e-3 --warmup 20 \
+      --output RUN --resume auto --zeroshot-dir DIR/imagefolder/val --classnames DIR/classnames.json
+(`python -m vision_pretrain.clip ...` runs the same on one process.)
+
+Loss = open_clip ClipLoss (embeddings gathered across ranks: pooled, fixed-shape, never segment tokens)
+     + w * DRIP rate loss (w = --rate-loss-weight, default the model config's rate_loss_weight).
+An epoch is --samples-per-epoch // (batch x world) steps of a deterministic shard stream (see data.py for
+what "exact resume" means for webdataset). Outputs in RUN/: log.jsonl, args.json, checkpoints/step_*/,
+vision_tower/ (DripVisionModel folder: what LLaVA and classify load), text_tower/ (for zero-shot).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.loss import ClipLoss
+
+from drip_llava.vision import DripVisionModel
+
+from . import zeroshot
+from .checkpoint import export_atomic
+from .clip_model import DripCLIP, build_tokenizer, get_text_config
+from .data import clip_loader, count_samples, expand_urls
+from .distributed import broadcast_object, cleanup, init_distributed
+from .loop import Task, fit
+from .params import ClipArgs, ClipDataArgs, ClipModelArgs, TrainArgs, parse_grouped, parse_overrides, to_dict
+
+LOGIT_SCALE_MAX = math.log(100)
+
+
+def parse_args(argv=None) -> ClipArgs:
+    return parse_grouped(argv, ClipArgs, {"model": ClipModelArgs, "data": ClipDataArgs, "train": TrainArgs},
+                         "CLIP pretraining of a DRIP image tower", defaults={"train": {"wd": 0.2}})
+
+
+def build_vision(name: str, init: str | None, overrides: dict) -> DripVisionModel:
+    """Preset (random init), a DripVisionModel folder, or open_clip:NAME:TAG mapped onto the preset's layout."""
+    if init is None:
+        return DripVisionModel.from_preset(name, **overrides)
+    if init.startswith("open_clip:"):
+        _, oc_name, tag = init.split(":", 2)
+        return DripVisionModel.from_open_clip((oc_name, tag), preset=name, **overrides)
+    return DripVisionModel.from_pretrained(init, **overrides)
+
+
+def gmacs(config, tokens_per_img: float | None) -> float | None:
+    from drip_llava.vision.flops import analytic_macs
+
+    short = tokens_per_img if (config.is_drip and tokens_per_img is not None) else None
+    return analytic_macs(config, tokens_short=short) / 1e9
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    m, d, t = args.model, args.data, args.train
+    info = init_distributed(t.device)
+    run = Path(t.output)
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "args.json").write_text(json.dumps(to_dict(args), indent=2))
+
+    torch.manual_seed(t.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    visual = build_vision(m.model, m.init_vision, parse_overrides(m.vision_override))
+    text_cfg = get_text_config(m.text_model)
+    model = DripCLIP(visual, text_cfg)
+    tokenizer = build_tokenizer(text_cfg)
+    torch.manual_seed(t.seed + 1000 * info.rank)  # different Gumbel noise per rank
+
+    urls = expand_urls(d.train_data)
+    n_samples = d.samples_per_epoch or broadcast_object(count_samples(urls) if info.is_main else None, info)
+    spe = n_samples // (t.batch_size * info.world_size)
+    if spe == 0:
+        raise ValueError(f"{n_samples} samples per epoch are fewer than one global batch "
+                         f"({t.batch_size} x {info.world_size}) in {d.train_data}")
+    rate_w = t.rate_loss_weight if t.rate_loss_weight is not None else visual.config.rate_loss_weight
+    clip_loss = ClipLoss(local_loss=m.local_loss, gather_with_grad=m.gather_with_grad, cache_labels=True,
+                         rank=info.rank, world_size=info.world_size)
+
+    def batches(epoch: int, skip: int):
+        return clip_loader(urls, t.batch_size, visual.preprocess, tokenizer, seed=t.seed, epoch=epoch,
+                           rank=info.rank, world_size=info.world_size, workers=t.workers, skip_batches=skip,
+                           shuffle_buffer=d.shuffle_buffer)
+
+    def loss(ddp_model, batch):
+        out = ddp_model(batch["images"].to(info.device, non_blocking=True), batch["texts"].to(info.device))
+        c = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+        total = c + rate_w * out["rate_loss"]
+        return total, {"clip_loss": c.detach(), "rate_loss": out["rate_loss"].detach(),
+                       "boundary_rate": out["boundary_rate"], "tokens_per_img": out["num_tokens"].float().mean(),
+                       "rank_max_tokens": out["num_tokens"].max().float(), "logit_scale": out["logit_scale"].detach()}
+
+    def evaluate(epoch: int) -> dict:
+        res = {"target_rate": visual.config.target_rate if visual.config.is_drip else 1.0}
+        if d.zeroshot_dir:
+            res.update(zeroshot.evaluate(model, tokenizer, d.zeroshot_dir, d.classnames, d.zeroshot_templates,
+                                         d.eval_batch_size, info, workers=t.workers))
+            res["gmacs"] = gmacs(visual.config, res["zeroshot_tokens_per_img"])
+        else:
+            res["gmacs"] = gmacs(visual.config, None)
+        return res
+
+    def export():
+        export_atomic(visual.save_pretrained, run / "vision_tower")
+        export_atomic(model.save_text_tower, run / "text_tower")
+
+    def clamp_logit_scale():
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+
+    task = Task(model=model, steps_per_epoch=spe, batches=batches, loss=loss,
+                batch_size=lambda b: b["images"].shape[0], evaluate=evaluate, export=export,
+                after_step=clamp_logit_scale, args_dict={**to_dict(args), "samples_per_epoch": n_samples,
+                                                         "rate_loss_weight_used": rate_w,
+                                                         "open_clip": open_clip.__version__})
+    result = fit(task, t, info)
+    cleanup(info)  # only after success: a barrier after one rank's crash would just hang the others
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""CLIP = DRIP image tower + open_clip text tower + learnable logit scale.
+
+The text tower is built by open_clip's own builder from a named text config (text_configs.json, or any
+open_clip model config's `text_cfg`), and tokenised by open_clip's SimpleTokenizer. A CLIP run exports
+  RUN/vision_tower/  DripVisionModel folder (config.json + model.safetensors): what LLaVA and classify load
+  RUN/text_tower/    config.json (text config, embed_dim) + model.safetensors (text tower + logit_scale):
+                     what zero-shot evaluation needs besides the image tower
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIPTextCfg, _build_text_tower
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from drip_llava.vision import DripVisionModel
+
+TEXT_CONFIGS = Path(__file__).with_name("text_configs.json")
+
+
+def list_text_models() -> list[str]:
+    return sorted(json.loads(TEXT_CONFIGS.read_text()))
+
+
+def get_text_config(name: str) -> dict:
+    """Named text config: ours (text_configs.json) first, then open_clip's model configs (e.g. 'ViT-B-16')."""
+    ours = json.loads(TEXT_CONFIGS.read_text())
+    if name in ours:
+        return dict(ours[name])
+    if name in open_clip.list_models():
+        cfg = open_clip.get_model_config(name)
+        text_cfg = dict(cfg["text_cfg"])
+        if text_cfg.get("hf_model_name"):
+            raise ValueError(f"text model {name!r} is a Hugging Face text tower; only open_clip's own "
+                             "TextTransformer configs are supported (no network at run time)")
+        if cfg.get("quick_gelu"):
+            text_cfg["quick_gelu"] = True
+        return text_cfg
+    raise KeyError(f"unknown text model {name!r}; ours: {list_text_models()}, or any of open_clip.list_models()")
+
+
+def build_tokenizer(text_cfg: dict):
+    return open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
+
+
+class DripCLIP(nn.Module):
+    def __init__(self, visual: DripVisionModel, text_cfg: dict, init_logit_scale: float = math.log(1 / 0.07)):
+        super().__init__()
+        self.text_cfg = dict(text_cfg)
+        cfg = dict(text_cfg)
+        quick_gelu = cfg.pop("quick_gelu", False)
+        self.visual = visual
+        self.text = _build_text_tower(visual.config.embed_dim, CLIPTextCfg(**cfg), quick_gelu=quick_gelu)
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+
+    @property
+    def embed_dim(self) -> int:
+        return self.visual.config.embed_dim
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self.visual(images).pooled
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Same signature as open_clip's CLIP, so open_clip.build_zero_shot_classifier works on this model."""
+        x = self.text(text)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor) -> dict:
+        """Fixed-shape outputs only ([B,E] embeddings, scalars, [B] counts), so DDP can gather them."""
+        out = self.visual(images)
+        return {
+            "image_features": F.normalize(out.pooled.float(), dim=-1),
+            "text_features": F.normalize(self.text(text).float(), dim=-1),
+            "logit_scale": self.logit_scale.exp(),
+            "rate_loss": out.rate_loss,
+            "boundary_rate": out.boundaries.detach().float().mean(),
+            "num_tokens": out.num_tokens,
+        }
+
+    # ---- export / import --------------------------------------------------------------------------
+    def save_text_tower(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(
+            {"text_cfg": self.text_cfg, "embed_dim": self.embed_dim, "tokenizer": "open_clip.SimpleTokenizer"},
+            indent=2))
+        holder = _TextHolder(self.text, self.logit_scale)
+        save_model(holder, str(folder / "model.safetensors"))
+
+    @classmethod
+    def from_towers(cls, vision_dir: str | Path, text_dir: str | Path) -> "DripCLIP":
+        """Rebuilds the CLIP model from exported towers (zero-shot evaluation of a finished run)."""
+        visual = DripVisionModel.from_pretrained(str(vision_dir))
+        text_dir = Path(text_dir)
+        cfg_file = text_dir / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{text_dir}: no text tower config.json (expected a CLIP run's text_tower/)")
+        meta = json.loads(cfg_file.read_text())
+        if meta["embed_dim"] != visual.config.embed_dim:
+            raise ValueError(f"text tower {text_dir} projects to {meta['embed_dim']} dims, image tower "
+                             f"{vision_dir} to {visual.config.embed_dim}")
+        model = cls(visual, meta["text_cfg"])
+        load_model(_TextHolder(model.text, model.logit_scale), str(text_dir / "model.safetensors"), strict=True)
+        return model
+
+
+class _TextHolder(nn.Module):
+    """The text half of a DripCLIP under stable names (text.*, logit_scale) for its own safetensors file."""
+
+    def __init__(self, text: nn.Module, logit_scale: nn.Parameter):
+        super().__init__()
+        self.text = text
+        self.logit_scale = logit_scale
+
+
+def resolve_towers(model_path: str | Path, text_from: Optional[str | Path] = None) -> tuple[Path, Path]:
+    """(vision_dir, text_dir) from a CLIP run folder or a vision tower folder (+ the run to take text from)."""
+    model_path = Path(model_path)
+    if (model_path / "vision_tower" / "config.json").is_file():
+        vision_dir, run = model_path / "vision_tower", model_path
+    elif (model_path / "config.json").is_file():
+        vision_dir, run = model_path, model_path.parent
+    else:
+        raise FileNotFoundError(f"{model_path}: neither a CLIP run folder (vision_tower/) nor a DripVisionModel folder")
+    text_run = Path(text_from) if text_from else run
+    text_dir = text_run / "text_tower" if (text_run / "text_tower").is_dir() else text_run
+    if not (text_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no text tower for {model_path}: pass --text-model-from RUN (a CLIP run folder "
+                                f"with text_tower/); looked in {text_dir}")
+    return vision_dir, text_dir
