@@ -1,0 +1,148 @@
+"""Command-line arguments of the LLaVA trainer: LLaVA's flag names and defaults, grouped as Model / Data / Training.
+
+Flags LLaVA scripts pass that transformers 5 renamed (--warmup_ratio, --evaluation_strategy) are still accepted;
+LLaVA flags for features we do not have (--mm_use_im_start_end True, ...) are rejected with a reason rather than
+silently ignored.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import transformers
+
+RECIPE_NAMES = ("stage1", "full", "lora", "qlora")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "LLM folder (any Llama-architecture HF model), or a saved "
+                                              "DripLlava folder to continue from"})
+    version: str = field(default="v1", metadata={"help": "conversation template: plain (stage 1), v1/vicuna_v1, "
+                                                 "llava_v1, chat_template (the tokenizer's own)"})
+    vision_tower: Optional[str] = field(default=None, metadata={"help": "DripVisionModel folder, preset name, or "
+                                                                "config JSON (None: the one in model_name_or_path)"})
+    mm_vision_select_layer: int = field(default=-2, metadata={"help": "tower block whose segment tokens are used"})
+    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear, mlpNx_gelu, identity"})
+    pretrain_mm_mlp_adapter: Optional[str] = field(default=None, metadata={"help": "stage-1 mm_projector.safetensors"
+                                                                           " (or its folder, or LLaVA's .bin)"})
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train only the projector"})
+    freeze_backbone: bool = field(default=False, metadata={"help": "freeze the LLM (full recipe: projector only)"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa (default), eager, flash_attention_2"})
+    recipe: Optional[str] = field(default=None, metadata={"help": f"one of {RECIPE_NAMES}; default from the LLaVA "
+                                                          "flags (tune_mm_mlp_adapter -> stage1, lora_enable -> lora, "
+                                                          "+ bits 4/8 -> qlora, else full)"})
+    # LLaVA flags kept so existing scripts run; only their default values are supported.
+    mm_use_im_start_end: bool = field(default=False, metadata={"help": "unsupported (must stay False)"})
+    mm_use_im_patch_token: bool = field(default=False, metadata={"help": "unsupported (must stay False)"})
+    mm_vision_select_feature: str = field(default="patch", metadata={"help": "only 'patch' (CLS is dropped)"})
+
+
+@dataclass
+class DataArguments:
+    data_path: Optional[str] = field(default=None, metadata={"help": "LLaVA JSON (or JSONL) training data"})
+    image_folder: Optional[str] = field(default=None, metadata={"help": "root of the 'image' paths in the data"})
+    lazy_preprocess: bool = field(default=False, metadata={"help": "tokenize on the fly instead of all at start"})
+    is_multimodal: bool = field(default=True, metadata={"help": "accepted for LLaVA compatibility (always on)"})
+    image_aspect_ratio: str = field(default="square", metadata={"help": "square (resize+crop) or pad (to square)"})
+    skip_bad_samples: bool = field(default=True, metadata={"help": "skip and count unreadable images and samples "
+                                                           "left without supervised tokens (False: raise)"})
+    visual_token_count: str = field(default="auto", metadata={
+        "help": "image token counts used for truncation and length grouping: 'exact' runs the tower once (eval "
+                "mode) over the data and caches the counts; 'max' uses the tower's maximum for truncation and "
+                "num_patches*target_rate for grouping; 'auto' = exact when --group_by_modality_length, else max"})
+    visual_token_cache: Optional[str] = field(default=None, metadata={
+        "help": "JSON cache of the exact counts (default OUTPUT_DIR/visual_token_counts.json)"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    cache_dir: Optional[str] = field(default=None)
+    optim: str = field(default="adamw_torch")
+    remove_unused_columns: bool = field(default=False)
+    freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "keep the projector frozen"})
+    model_max_length: int = field(default=512, metadata={"help": "max sequence length after image splicing"})
+    double_quant: bool = field(default=True, metadata={"help": "QLoRA: quantize the quantization constants"})
+    quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4"})
+    bits: int = field(default=16, metadata={"help": "LLM load precision for training: 16 (bf16/fp16/fp32 from "
+                                            "--bf16/--fp16), 8 or 4 (QLoRA)"})
+    lora_enable: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_weight_path: str = ""
+    lora_bias: str = field(default="none", metadata={"help": "none, all, lora_only"})
+    mm_projector_lr: Optional[float] = field(default=None, metadata={"help": "projector learning rate (own "
+                                                                     "optimizer group); default --learning_rate"})
+    group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality and similar "
+                                                                    "length (with real visual token counts)"})
+    metrics_file: str = field(default="metrics.jsonl", metadata={"help": "JSONL log in output_dir"})
+    # transformers 5 folded these into other flags; LLaVA scripts still pass them.
+    warmup_ratio: Optional[float] = field(default=None, metadata={"help": "alias: --warmup_steps RATIO"})
+    evaluation_strategy: Optional[str] = field(default=None, metadata={"help": "alias of --eval_strategy"})
+
+    def __post_init__(self):
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            if self.warmup_steps == 0:
+                self.warmup_steps = self.warmup_ratio
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        super().__post_init__()
+
+
+def resolve_recipe(model_args: ModelArguments, training_args: TrainingArguments) -> str:
+    """The recipe name from LLaVA's flags, or the explicit --recipe checked against them."""
+    if training_args.bits not in (4, 8, 16):
+        raise ValueError(f"--bits must be 4, 8 or 16, got {training_args.bits}")
+    if model_args.tune_mm_mlp_adapter:
+        derived = "stage1"
+    elif training_args.lora_enable:
+        derived = "qlora" if training_args.bits in (4, 8) else "lora"
+    else:
+        derived = "full"
+    name = model_args.recipe or derived
+    if name not in RECIPE_NAMES:
+        raise ValueError(f"unknown --recipe {name!r}; valid: {', '.join(RECIPE_NAMES)}")
+    if name != derived:
+        raise ValueError(f"--recipe {name} contradicts the other flags (they mean {derived!r}: tune_mm_mlp_adapter="
+                         f"{model_args.tune_mm_mlp_adapter}, lora_enable={training_args.lora_enable}, "
+                         f"bits={training_args.bits})")
+    if training_args.bits in (4, 8) and name != "qlora":
+        raise ValueError(f"--bits {training_args.bits} trains only LoRA adapters: add --lora_enable True")
+    return name
+
+
+def validate(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
+    if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
+        raise ValueError("--mm_use_im_start_end / --mm_use_im_patch_token are not supported: DRIP gives a "
+                         "variable number of image tokens spliced at one placeholder")
+    if model_args.mm_vision_select_feature != "patch":
+        raise ValueError("--mm_vision_select_feature: only 'patch' is supported (segment tokens, CLS dropped)")
+    if data_args.data_path is None:
+        raise ValueError("--data_path is required")
+    if not os.path.isfile(data_args.data_path):
+        raise FileNotFoundError(f"--data_path {data_args.data_path} does not exist")
+    if data_args.visual_token_count not in ("auto", "exact", "max"):
+        raise ValueError(f"--visual_token_count {data_args.visual_token_count!r}; valid: auto, exact, max")
+    if training_args.lora_bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"--lora_bias {training_args.lora_bias!r}; valid: none, all, lora_only")
+    if model_args.pretrain_mm_mlp_adapter and not os.path.exists(model_args.pretrain_mm_mlp_adapter):
+        raise FileNotFoundError(f"--pretrain_mm_mlp_adapter {model_args.pretrain_mm_mlp_adapter} does not exist")
+    resolve_recipe(model_args, training_args)
+
+
+def parse_args(argv=None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    validate(model_args, data_args, training_args)
+    return model_args, data_args, training_args
+
+
+def args_to_json(model_args, data_args, training_args) -> str:
+    """The resolved arguments, saved next to the outputs so a run can be repeated."""
+    return json.dumps({"model": asdict(model_args), "data": asdict(data_args),
+                       "training": training_args.to_dict()}, indent=2, default=str)

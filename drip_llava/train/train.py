@@ -1,0 +1,167 @@
+"""One trainer for both LLaVA stages: `python -m drip_llava.train.train ...` or, distributed,
+`deepspeed [--num_gpus N] --module drip_llava.train.train ... --deepspeed scripts/zero3.json`.
+
+The recipe (stage1 / full / lora / qlora, see recipes.py) follows from LLaVA's flags. `--resume_from_checkpoint`
+takes `auto` (the last checkpoint-N in output_dir if any, else start fresh), `True` (the last one, which must
+exist) or a path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional
+
+import torch
+import transformers
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..data.dataset import (DataCollatorForSupervisedDataset, ImageLoader, LazySupervisedDataset, VisualTokenBudget,
+                            compute_image_token_counts, load_llava_json, load_or_compute_counts, tower_fingerprint)
+from .params import args_to_json, parse_args, resolve_recipe
+from .recipes import describe_trainable, gathered, get_recipe
+from .trainer import DripLlavaTrainer, MetricsJsonlCallback, RecipeCheckpointCallback
+
+logger = logging.getLogger("drip_llava.train")
+
+
+def resolve_resume(value: Optional[str], output_dir: str) -> Optional[str]:
+    if value is None or str(value).lower() in ("", "false", "none", "no"):
+        return None
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if str(value).lower() == "auto":
+        return last
+    if str(value).lower() == "true":
+        if last is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint True: no checkpoint-N folder in {output_dir}")
+        return last
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value} is not a folder")
+    return value
+
+
+def cpu_fallback(argv: list[str]) -> list[str]:
+    """Without CUDA, HF Trainer needs use_cpu=True (with DeepSpeed it otherwise asserts on the batch size over
+    ranks and refuses bf16): add it unless the user set it."""
+    if not torch.cuda.is_available() and not any(a.split("=")[0] == "--use_cpu" for a in argv):
+        return ["--use_cpu", "True"] + argv
+    return argv
+
+
+def cpu_threads() -> None:
+    """Several ranks on one CPU machine: split the cores (torch's default of all cores per rank oversubscribes
+    them, several times slower). An explicit OMP_NUM_THREADS wins."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    if not torch.cuda.is_available() and local > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def init_deepspeed_comm(training_args) -> None:
+    """With use_cpu HF sets up torch.distributed (gloo) but not deepspeed.comm; ZeRO-3's zero.Init inside
+    from_pretrained then sees world size 1 and fails its batch-size check. Attach deepspeed.comm to the group."""
+    if training_args.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+
+def load_tokenizer(model_args, training_args):
+    tok = transformers.AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, cache_dir=training_args.cache_dir,
+        model_max_length=training_args.model_max_length, padding_side="right")
+    if tok.pad_token is None:  # Llama has none; LLaVA pads with unk, SmolLM2-style tokenizers with EOS
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    return tok
+
+
+def visual_token_counts(tower, loader: ImageLoader, records: list, data_args, training_args) -> Optional[dict]:
+    """Exact per-image token counts (tower in eval mode, computed once, cached) or None ('max' mode)."""
+    mode = data_args.visual_token_count
+    if mode == "max" or (mode == "auto" and not training_args.group_by_modality_length):
+        return None
+    images = [r["image"] for r in records if r.get("image") is not None]
+    cache = data_args.visual_token_cache or os.path.join(training_args.output_dir, "visual_token_counts.json")
+    fp = tower_fingerprint(tower.config.to_dict(), tower.select_layer, data_args.image_aspect_ratio)
+    params = list(tower.parameters())
+    partitioned = any(hasattr(p, "ds_id") for p in params)
+    device = training_args.device if not partitioned else None
+
+    def compute():
+        if device is not None:
+            tower.to(device)
+        with gathered(params):
+            return compute_image_token_counts(tower, images, loader, batch_size=max(training_args.per_device_train_batch_size, 8),
+                                              rank=training_args.process_index, world_size=training_args.world_size,
+                                              device=device or torch.device("cpu"))
+
+    counts = load_or_compute_counts(cache, fp, compute, is_main=training_args.should_save)
+    if counts:
+        vals = sorted(counts.values())
+        logger.info("visual tokens per image (%d images): min %d, median %d, max %d", len(vals), vals[0],
+                    vals[len(vals) // 2], vals[-1])
+    return counts
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    argv = cpu_fallback(list(sys.argv[1:] if argv is None else argv))
+    cpu_threads()
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if training_args.should_log else logging.WARNING)
+    transformers.set_seed(training_args.seed)
+    init_deepspeed_comm(training_args)
+    recipe_name = resolve_recipe(model_args, training_args)
+    recipe = get_recipe(recipe_name, model_args, data_args, training_args)
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    if training_args.should_save:
+        with open(os.path.join(training_args.output_dir, "drip_llava_args.json"), "w", encoding="utf-8") as f:
+            f.write(args_to_json(model_args, data_args, training_args))
+
+    tokenizer = load_tokenizer(model_args, training_args)
+    model = recipe.configure(recipe.load_model())
+    logger.info("recipe %s; trainable parameters: %s", recipe_name, describe_trainable(model))
+
+    tower = recipe.vision_tower(model)
+    loader = ImageLoader(data_args.image_folder, tower.image_processor, data_args.image_aspect_ratio,
+                         tower.config.image_mean)
+    records = load_llava_json(data_args.data_path)
+    counts = visual_token_counts(tower, loader, records, data_args, training_args)
+    budget = VisualTokenBudget.from_vision_config(tower.config, counts)
+    dataset = LazySupervisedDataset(records, tokenizer, model_args.version, loader, training_args.model_max_length,
+                                    budget=budget, skip_bad_samples=data_args.skip_bad_samples,
+                                    preprocess_text=not data_args.lazy_preprocess)
+    init_skips = dataset.skips.as_dict()  # text-level skips found at start-up: the same on every rank
+    logger.info("%d training samples (%d records; skipped at start-up: %s)", len(dataset), len(records), init_skips)
+
+    trainer = DripLlavaTrainer(
+        model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, recipe=recipe,
+        data_collator=DataCollatorForSupervisedDataset(pad_token_id=tokenizer.pad_token_id),
+        callbacks=[MetricsJsonlCallback(os.path.join(training_args.output_dir, training_args.metrics_file)),
+                   RecipeCheckpointCallback(recipe, model_args)])
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume:
+        logger.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_state()
+    model.config.use_cache = True
+    if recipe.saves_full_model:
+        trainer.save_model(training_args.output_dir)
+    elif training_args.should_save:
+        tokenizer.save_pretrained(training_args.output_dir)
+    recipe.save(trainer.model, training_args.output_dir, is_main=training_args.should_save, final=True)
+
+    # skips while training happen on each rank's own samples: sum them over ranks
+    now = dataset.skips.as_dict()
+    runtime = torch.tensor([now[k] - init_skips[k] for k in now], dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        runtime = runtime.to(training_args.device)
+        torch.distributed.all_reduce(runtime)
+    skipped = {k: init_skips[k] + int(v) for k, v in zip(now, runtime.cpu().tolist())}
+    summary = {"recipe": recipe_name, "global_step": trainer.state.global_step,
+               "train_loss": result.training_loss, "skipped": skipped, **result.metrics}
+    logger.info("done: %s", summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The HF Trainer subclass for both stages: modality/length-grouped sampling with real visual token counts, the
+projector's own learning rate, token throughput, and callbacks for the JSONL log and the recipe's checkpoint files."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Optional
+
+import torch
+from torch.utils.data import Sampler
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
+from ..model.vision_tower import DripVisionTower
+
+logger = logging.getLogger(__name__)
+
+
+def modality_length_grouped_indices(lengths: list[int], batch_size: int, generator=None) -> list[int]:
+    """Indices such that each run of `batch_size` holds one modality (image: length > 0, text-only: < 0) and
+    similar lengths. Full groups of both modalities are shuffled together; the two partial tail groups go last."""
+    mm = [i for i, n in enumerate(lengths) if n > 0]
+    lang = [i for i, n in enumerate(lengths) if n < 0]
+    if not mm or not lang:
+        return get_length_grouped_indices([abs(n) for n in lengths], batch_size, generator=generator)
+    groups, tails = [], []
+    for idx in (mm, lang):
+        order = get_length_grouped_indices([abs(lengths[i]) for i in idx], batch_size, generator=generator)
+        order = [idx[j] for j in order]
+        chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        if len(chunks[-1]) < batch_size:
+            tails.append(chunks.pop())
+        groups.extend(chunks)
+    perm = torch.randperm(len(groups), generator=generator).tolist()
+    return [i for g in perm for i in groups[g]] + [i for t in tails for i in t]
+
+
+class ModalityLengthGroupedSampler(Sampler):
+    def __init__(self, lengths: list[int], batch_size: int, generator=None):
+        self.lengths, self.batch_size, self.generator = list(lengths), batch_size, generator
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        return iter(modality_length_grouped_indices(self.lengths, self.batch_size, self.generator))
+
+
+class DripLlavaTrainer(Trainer):
+    """`recipe` knows the projector's parameters (own lr group) and what to save; see recipes.py."""
+
+    def __init__(self, *args, recipe=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        self._tokens = torch.zeros(2, dtype=torch.float64)  # [text tokens, supervised tokens] since the last log
+        self._last_log_time: Optional[float] = None
+        # visual tokens per batch are only known after the tower ran: count them with a hook (the placeholder
+        # the tokens replace was already counted in attention_mask)
+        for mod in self.model.modules():
+            if isinstance(mod, DripVisionTower):
+                mod.register_forward_hook(self._count_visual_tokens)
+
+    def _count_visual_tokens(self, module, inputs, output):
+        mask = output[1]
+        self._tokens[0] += float(mask.sum()) - mask.shape[0]
+
+    # ---- data ------------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.group_by_modality_length and hasattr(ds, "modality_lengths"):
+            global_batch = self.args.train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
+            gen = torch.Generator()
+            gen.manual_seed(self.args.seed if self.args.data_seed is None else self.args.data_seed)
+            return ModalityLengthGroupedSampler(ds.modality_lengths, global_batch, generator=gen)
+        return super()._get_train_sampler(train_dataset)
+
+    # ---- optimizer -------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """AdamW groups: (decay, no decay) x (projector at --mm_projector_lr, the rest at --learning_rate).
+        Empty groups are dropped (DeepSpeed's optimizer wrappers choke on them)."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        proj_lr = self.args.mm_projector_lr
+        proj_ids = set()
+        if proj_lr is not None and self.recipe is not None:
+            proj_ids = {id(p) for p in self.recipe.projector_parameters(opt_model)}
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups = {}
+        for n, p in opt_model.named_parameters():
+            if not p.requires_grad:
+                continue
+            key = (n in decay, id(p) in proj_ids)
+            groups.setdefault(key, []).append(p)
+        param_groups = []
+        for (is_decay, is_proj), params in sorted(groups.items()):
+            g = {"params": params, "weight_decay": self.args.weight_decay if is_decay else 0.0}
+            if is_proj:
+                g["lr"] = proj_lr
+            param_groups.append(g)
+        if not param_groups:
+            raise ValueError("no trainable parameters: check the recipe flags")
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ---- throughput ------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._last_log_time is None:  # the clock starts at the first step, not before engine start-up
+            self._last_log_time = time.perf_counter()
+        mask, labels = inputs.get("attention_mask"), inputs.get("labels")
+        if mask is not None:
+            self._tokens[0] += float(mask.sum())
+        if labels is not None:
+            self._tokens[1] += float((labels[:, 1:] != -100).sum())
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def log(self, logs: dict, start_time: Optional[float] = None) -> None:
+        """Training logs get tokens/s summed over ranks (every rank reaches a step log, so the reduce is safe)."""
+        if "loss" in logs:
+            now = time.perf_counter()
+            tokens = self._tokens.clone()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                t = tokens.to(self.args.device)
+                torch.distributed.all_reduce(t)
+                tokens = t.cpu()
+            if self._last_log_time is not None:
+                dt = max(now - self._last_log_time, 1e-9)
+                logs["tokens_per_s"] = round(float(tokens[0]) / dt, 2)
+                logs["supervised_tokens_per_s"] = round(float(tokens[1]) / dt, 2)
+            self._last_log_time = now
+            self._tokens.zero_()
+            ds = self.train_dataset
+            if hasattr(ds, "skips"):
+                logs.update({f"skipped_{k}": v for k, v in ds.skips.as_dict().items()})
+        super().log(logs, start_time)
+
+    def _inner_training_loop(self, *args, **kwargs):
+        self._last_log_time = None
+        return super()._inner_training_loop(*args, **kwargs)
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Appends every log (step, epoch, loss, lr, grad_norm, tokens/s, skip counts) to OUT/metrics.jsonl."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        rec = {"step": state.global_step, "time": round(time.time(), 3), **logs}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, default=float) + "\n")
+
+
+class RecipeCheckpointCallback(TrainerCallback):
+    """After the Trainer writes checkpoint-N (weights, optimizer, scheduler, RNG, state), the recipe adds its own
+    files there (mm_projector.safetensors / adapter + non_lora_trainables + config), so every checkpoint loads
+    with load_pretrained_model and resumes. Runs on every rank: ZeRO-3 gathering is collective."""
+
+    def __init__(self, recipe, model_args):
+        self.recipe, self.model_args = recipe, model_args
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        self.recipe.save(model, ckpt, is_main=state.is_world_process_zero, final=False)

@@ -1,0 +1,57 @@
+"""Stage 1 (feature alignment): train only the projector between a frozen DRIP tower and a frozen LLM.
+
+    deepspeed scripts/pretrain_projector.py \
+        --model_name_or_path LLM_DIR --vision_tower DRIP_DIR \
+        --data_path blip_laion_cc_sbu_558k.json --image_folder IMAGES \
+        --deepspeed scripts/zero2.json --output_dir OUT --per_device_train_batch_size 32
+
+LLaVA-1.5's stage-1 settings are the defaults here (any flag given on the command line wins): template plain,
+--tune_mm_mlp_adapter, lr 1e-3, weight decay 0, warmup 3%, cosine, 1 epoch, model_max_length 2048, projector
+mlp2x_gelu from block -2, lazy tokenization, bf16 where the GPU has it (fp32 on CPU, with use_cpu). Output:
+OUT/mm_projector.safetensors + OUT/config.json + OUT/vision_tower/, which load with
+`load_pretrained_model(OUT, model_base=LLM_DIR)` and feed stage 2 via --pretrain_mm_mlp_adapter.
+Also `python scripts/pretrain_projector.py ...` (one process, no DeepSpeed). All flags: --help.
+"""
+import sys
+
+STAGE1_DEFAULTS = [
+    "--version", "plain",
+    "--tune_mm_mlp_adapter", "True",
+    "--mm_projector_type", "mlp2x_gelu",
+    "--mm_vision_select_layer", "-2",
+    "--learning_rate", "1e-3",
+    "--weight_decay", "0.",
+    "--warmup_ratio", "0.03",
+    "--lr_scheduler_type", "cosine",
+    "--num_train_epochs", "1",
+    "--model_max_length", "2048",
+    "--lazy_preprocess", "True",
+    "--save_strategy", "steps",
+    "--save_steps", "24000",
+    "--save_total_limit", "1",
+    "--logging_steps", "1",
+    "--report_to", "none",
+]
+
+
+def device_defaults() -> list[str]:
+    """bf16 on GPUs that have it, fp16 on older GPUs; fp32 + use_cpu on CPU (DeepSpeed refuses fp16 there)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return ["--bf16", "True"] if torch.cuda.is_bf16_supported() else ["--fp16", "True"]
+    return ["--use_cpu", "True"]
+
+
+def main(argv=None):
+    from drip_llava.train.train import main as train_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    # precision flags only when the user chose none (--bf16 False alone must not be overridden by --fp16 True)
+    device = [] if given & {"--bf16", "--fp16", "--use_cpu"} else device_defaults()
+    return train_main(STAGE1_DEFAULTS + device + argv)
+
+
+if __name__ == "__main__":
+    main()
