@@ -123,6 +123,43 @@ def test_select_layer_before_pooling_is_an_error():
         build_vision_tower("no-such-tower")
 
 
+def test_open_clip_vit_tower_is_the_plain_llava_baseline(tiny_llm_dir):
+    """An open_clip ViT goes through the same code: all patch tokens of block -2, equal to open_clip's own."""
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, width=64, layers=3, heads=2, mlp_ratio=4.0,
+                            output_dim=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    tower = build_vision_tower(vit, select_layer=-2)
+    feats, mask = tower(x)
+    ref = vit.forward_intermediates(x, indices=[1], intermediates_only=True, output_fmt="NLC")["image_intermediates"][0]
+    assert feats.shape == (2, 16, 64) and bool(mask.all()) and tower.config.compression == 1.0
+    assert torch.allclose(feats, ref, atol=1e-5)
+    model = DripLlavaForCausalLM.from_pretrained(str(tiny_llm_dir))
+    model.initialize_vision_modules(vit, "linear")
+    assert [t.shape for t in model.encode_images(x)] == [(16, 64), (16, 64)]
+
+
+def test_embedded_smollm2_answers_through_drip_llava():
+    """The real embedded LLM (converted once from the GGUF) inside DripLlava: text-only generation still works."""
+    from transformers import AutoTokenizer
+
+    from drip_llava.model import prepare_embedded_llm
+
+    path = prepare_embedded_llm()
+    assert prepare_embedded_llm() == path  # reused, not rebuilt
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["hidden_size"] == 576 and "quantization_config" not in cfg
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = DripLlavaForCausalLM.from_pretrained(str(path)).eval()
+    model.initialize_vision_modules("drip-tiny-16-4x", "mlp2x_gelu")
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = torch.tensor([tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)["input_ids"]])
+    new = model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert "Paris" in tok.decode(new[0], skip_special_tokens=True)
+
+
 # ---------------------------------------------------------------------------------------------- projector
 
 def test_projector_registry():

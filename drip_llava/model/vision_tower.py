@@ -38,18 +38,21 @@ def resolve_select_layer(config: DripVisionConfig, select_layer: int) -> int:
 
 def load_drip_model(spec: Any, **overrides) -> DripVisionModel:
     """A DripVisionModel from: an instance, a DripVisionConfig / config dict (random weights, to be filled from
-    a checkpoint), a DripVisionModel folder, `open_clip:NAME[:PRETRAINED]` (PRETRAINED = tag or local file;
-    `overrides` such as compression=4.0 turn it into DRIP), or a preset name."""
+    a checkpoint), a DripVisionModel folder, an open_clip model (or its `.visual`), `open_clip:NAME[:PRETRAINED]`
+    (PRETRAINED = tag or local file; `overrides` such as compression=4.0 turn it into DRIP), or a preset name."""
     if isinstance(spec, DripVisionModel):
         if overrides:
             raise ValueError("config overrides cannot be applied to an already built DripVisionModel")
         return spec
+    if isinstance(spec, nn.Module):  # an open_clip CLIP model or its .visual ViT: the plain-ViT LLaVA baseline
+        return DripVisionModel.from_open_clip(spec, **overrides)
     if isinstance(spec, DripVisionConfig):
         return DripVisionModel(DripVisionConfig.from_dict({**spec.to_dict(), **overrides}))
     if isinstance(spec, dict):
         return DripVisionModel(DripVisionConfig.from_dict({**spec, **overrides}))
     if not isinstance(spec, (str, os.PathLike)):
-        raise TypeError(f"vision tower spec must be a folder, preset name, config dict or DripVisionModel, got {type(spec)}")
+        raise TypeError(f"vision tower spec must be a folder, preset name, config dict, DripVisionModel or open_clip "
+                        f"model, got {type(spec)}")
     text = str(spec)
     path = Path(text).expanduser()
     if path.is_dir():
