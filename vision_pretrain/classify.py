@@ -1,0 +1,171 @@
+"""Image classification with a DRIP (or ViT) tower: linear probe, fine-tuning, or training from scratch.
+
+  python -m vision_pretrain.classify --mode linear-probe --init RUN --train-dir DIR/imagefolder/train \
+      --val-dir DIR/imagefolder/val --epochs 5 --lr 1e-3 --output CLS_RUN
+  python -m vision_pretrain.classify --mode scratch --model drip-tiny-16-4x --schedule cosine --warmup 100 ...
+  python -m vision_pretrain.classify --mode finetune --init open_clip:ViT-B-32:laion2b_s34b_b79k --model drip-b-32-4x ...
+
+The head is one nn.Linear on the tower's pooled embedding (out.pooled). linear-probe freezes the tower and
+keeps it in eval mode (deterministic boundaries); finetune/scratch train everything and add the weighted
+rate loss. Same logging, checkpoints, resume and DDP as the CLIP trainer. Outputs in RUN/: log.jsonl,
+checkpoints/, vision_tower/ (DripVisionModel folder), classifier/ (head.safetensors + classes.json).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_model
+from torch import nn
+
+from drip_llava.vision import DripVisionModel
+
+from .checkpoint import export_atomic
+from .clip import build_vision, gmacs
+from .data import ImageFolderData, build_transform, folder_eval_loader, folder_train_loader, steps_per_epoch_folder
+from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from .loop import Task, fit
+from .params import ClassifyArgs, ClassifyDataArgs, ClassifyModelArgs, TrainArgs, parse_grouped, parse_overrides, to_dict
+
+
+class Classifier(nn.Module):
+    def __init__(self, tower: DripVisionModel, num_classes: int, train_tower: bool = True):
+        super().__init__()
+        self.tower = tower
+        self.head = nn.Linear(tower.config.embed_dim, num_classes)
+        self.train_tower = train_tower
+        if not train_tower:
+            tower.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.train_tower:  # a frozen tower keeps eval behaviour: no Gumbel noise, fixed boundaries
+            self.tower.eval()
+        return self
+
+    def forward(self, images: torch.Tensor):
+        with torch.set_grad_enabled(self.train_tower and torch.is_grad_enabled()):
+            out = self.tower(images)
+        return self.head(out.pooled.float()), out
+
+
+def parse_args(argv=None) -> ClassifyArgs:
+    return parse_grouped(argv, ClassifyArgs, {"model": ClassifyModelArgs, "data": ClassifyDataArgs, "train": TrainArgs},
+                         "Classification with a DRIP image tower", defaults={"train": {"wd": 0.05, "lr": 1e-3}})
+
+
+def resolve_init(init: str | None) -> str | None:
+    """A CLIP run folder means its exported vision_tower/."""
+    if init is None or init.startswith("open_clip:"):
+        return init
+    path = Path(init)
+    if (path / "vision_tower" / "config.json").is_file():
+        return str(path / "vision_tower")
+    if (path / "config.json").is_file():
+        return str(path)
+    raise FileNotFoundError(f"--init {init}: not a CLIP run folder, a DripVisionModel folder or open_clip:NAME:TAG")
+
+
+def build_tower(m: ClassifyModelArgs) -> DripVisionModel:
+    if m.mode == "scratch":
+        if m.init is not None or m.model is None:
+            raise ValueError("--mode scratch takes --model PRESET and no --init")
+    elif m.init is None:
+        raise ValueError(f"--mode {m.mode} needs --init (CLIP run, DripVisionModel folder or open_clip:NAME:TAG)")
+    elif m.init.startswith("open_clip:") and m.model is None:
+        raise ValueError("--init open_clip:NAME:TAG needs --model PRESET (the DRIP layout to import into)")
+    return build_vision(m.model, resolve_init(m.init), parse_overrides(m.vision_override))
+
+
+@torch.no_grad()
+def evaluate(model: Classifier, ds: ImageFolderData, batch_size: int, info: DistInfo, workers: int = 0) -> dict:
+    was_training = model.training
+    model.eval()
+    k = min(5, model.head.out_features)
+    totals = torch.zeros(5, dtype=torch.float64)  # top1, top5, images, tokens, skipped
+    for batch in folder_eval_loader(ds, batch_size, rank=info.rank, world_size=info.world_size, workers=workers):
+        totals[4] += batch["skips"]["corrupt_image"]
+        if batch["images"] is None:
+            continue
+        logits, out = model(batch["images"].to(info.device))
+        labels = batch["labels"].to(info.device)
+        topk = logits.topk(k, dim=-1).indices
+        totals[0] += (topk[:, 0] == labels).sum().item()
+        totals[1] += (topk == labels[:, None]).any(-1).sum().item()
+        totals[2] += labels.numel()
+        totals[3] += out.num_tokens.sum().item()
+    totals = all_reduce_sum(totals.to(info.device), info).cpu()
+    model.train(was_training)
+    n = max(1.0, float(totals[2]))
+    return {"val_top1": float(totals[0]) / n, "val_top5": float(totals[1]) / n, "val_images": int(totals[2]),
+            "val_tokens_per_img": float(totals[3]) / n, "val_skipped": int(totals[4])}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    m, d, t = args.model, args.data, args.train
+    info = init_distributed(t.device)
+    run = Path(t.output)
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "args.json").write_text(json.dumps(to_dict(args), indent=2))
+
+    torch.manual_seed(t.seed)
+    tower = build_tower(m)
+    c = tower.config
+    train_ds = ImageFolderData(d.train_dir, build_transform(tower.preprocess, c.image_size, c.image_mean, c.image_std,
+                                                            d.aug), seed=t.seed)
+    val_ds = ImageFolderData(d.val_dir, tower.preprocess) if d.val_dir else None
+    if val_ds is not None and val_ds.classes != train_ds.classes:
+        raise ValueError(f"class folders differ between {d.train_dir} ({len(train_ds.classes)}) and {d.val_dir} "
+                         f"({len(val_ds.classes)})")
+    model = Classifier(tower, len(train_ds.classes), train_tower=m.mode != "linear-probe")
+    torch.manual_seed(t.seed + 1000 * info.rank)
+    spe = steps_per_epoch_folder(len(train_ds), t.batch_size, info.world_size)
+    rate_w = t.rate_loss_weight if t.rate_loss_weight is not None else c.rate_loss_weight
+    if m.mode == "linear-probe":
+        rate_w = 0.0  # frozen boundaries: the rate loss has nothing to train
+
+    def batches(epoch: int, skip: int):
+        return folder_train_loader(train_ds, t.batch_size, seed=t.seed, epoch=epoch, rank=info.rank,
+                                   world_size=info.world_size, workers=t.workers, skip_batches=skip)
+
+    def loss(ddp_model, batch):
+        if batch["images"] is None:
+            raise RuntimeError(f"a whole training batch of {d.train_dir} was unreadable")
+        labels = batch["labels"].to(info.device)
+        logits, out = ddp_model(batch["images"].to(info.device, non_blocking=True))
+        ce = F.cross_entropy(logits.float(), labels, label_smoothing=m.label_smoothing)
+        total = ce + rate_w * out.rate_loss if rate_w else ce
+        return total, {"ce_loss": ce.detach(), "rate_loss": out.rate_loss.detach(),
+                       "boundary_rate": out.boundaries.detach().float().mean(),
+                       "tokens_per_img": out.num_tokens.float().mean(),
+                       "train_acc": (logits.argmax(-1) == labels).float().mean()}
+
+    def run_eval(epoch: int) -> dict:
+        res = evaluate(model, val_ds, d.eval_batch_size, info, t.workers) if val_ds is not None else {}
+        res["gmacs"] = gmacs(c, res.get("val_tokens_per_img"))
+        return res
+
+    def export():
+        export_atomic(tower.save_pretrained, run / "vision_tower")
+
+        def save_head(folder: Path):
+            folder.mkdir(parents=True)
+            save_model(model.head, str(folder / "head.safetensors"))
+            (folder / "classes.json").write_text(json.dumps(train_ds.classes, indent=1))
+        export_atomic(save_head, run / "classifier")
+
+    task = Task(model=model, steps_per_epoch=spe, batches=batches, loss=loss,
+                batch_size=lambda b: 0 if b["images"] is None else b["images"].shape[0], evaluate=run_eval,
+                export=export, args_dict={**to_dict(args), "rate_loss_weight_used": rate_w,
+                                          "num_classes": len(train_ds.classes)})
+    result = fit(task, t, info)
+    cleanup(info)
+    return result
+
+
+if __name__ == "__main__":
+    main()
