@@ -356,6 +356,12 @@ def test_load_pretrained_model_lora(tmp_path, llava, images, tiny_llm_dir):
     loaded = load_pretrained_model(out, model_base=tiny_llm_dir, device="cpu")
     assert loaded.kind == "lora" and isinstance(loaded.model, DripLlavaForCausalLM)  # merged
     assert torch.allclose(_logits(loaded.model, images), ref, atol=1e-4)
+    # On a 4-bit base the adapter stays unmerged (peft model) and still generates with images.
+    q = load_pretrained_model(out, model_base=tiny_llm_dir, device="cpu", load_4bit=True)
+    assert q.kind == "lora" and not isinstance(q.model, DripLlavaForCausalLM) and q.notes
+    ids, mask, _ = _batch([_sample(*SAMPLES[0])], 2)
+    assert q.model.generate(ids, images=images[:1], attention_mask=mask, max_new_tokens=2,
+                            do_sample=False, pad_token_id=2).shape == (1, 2)
 
 
 def test_load_4bit_keeps_projector_and_tower_unquantized(tmp_path, llava, images, tiny_llm_dir):

@@ -11,6 +11,7 @@ recorded in config.mm_vision_tower. 4/8-bit loading keeps the projector, the tow
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -158,6 +159,18 @@ def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], where: st
     model.load_state_dict({k: v.to(ref[k].dtype) for k, v in state.items()}, strict=False)
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
 def _load_with_base(folder: Path, kind: str, model_base: str | None, load_kwargs: dict) -> DripLlavaForCausalLM:
     from safetensors.torch import load_file
 
@@ -182,7 +195,10 @@ def _load_with_base(folder: Path, kind: str, model_base: str | None, load_kwargs
                                     f"found {sorted(names)}")
         non_lora = _normalise_non_lora(load_file(str(folder / NON_LORA_FILE)))
     tower_state = _tower_state(cfg, folder, non_lora)  # fail on missing tower weights before the big load
-    model = DripLlavaForCausalLM.from_pretrained(model_base, config=cfg, **load_kwargs)
+    # The tower / projector are reported missing from the base LLM; they are filled right below.
+    with _quiet_transformers():
+        model = DripLlavaForCausalLM.from_pretrained(model_base, config=cfg, **load_kwargs)
+    logger.info("loaded base LLM %s; vision tower and projector weights from %s", model_base, folder)
     if tower_state is not None:
         _load_into(model.vision_tower.model, tower_state, f"vision tower for {folder}")
     if kind == "projector":
