@@ -29,6 +29,7 @@ from .params import ClassifyModelArgs
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="preset (scratch) or DRIP layout for open_clip imports")
+    p.add_argument("--vision-override", nargs="*", default=[], help="override preset fields, KEY=VALUE")
     p.add_argument("--init", default=None, help="CLIP run / DripVisionModel folder / open_clip:NAME:TAG")
     p.add_argument("--mode", default="scratch", choices=("linear-probe", "finetune", "scratch"))
     p.add_argument("--train-dir", required=True)
@@ -79,7 +80,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = pick_device(device=args.device)
     torch.manual_seed(args.seed)
-    tower = build_tower(ClassifyModelArgs(mode=args.mode, init=args.init, model=args.model))
+    tower = build_tower(ClassifyModelArgs(mode=args.mode, init=args.init, model=args.model,
+                                           vision_override=args.vision_override))
     c = tower.config
     ds = ImageFolderData(args.train_dir, build_transform(tower.preprocess, c.image_size, c.image_mean, c.image_std,
                                                          args.aug), seed=args.seed)
@@ -106,7 +108,7 @@ def main(argv=None) -> dict:
         opt.zero_grad(set_to_none=True)
         (loss + rate_w * out.rate_loss).backward()
         opt.step()
-        value = float(loss)
+        value = loss.item()
         if not math.isfinite(value):
             break
         ema = value if ema is None else args.smooth * ema + (1 - args.smooth) * value
