@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Stage 2 (visual instruction tuning) with LoRA on the LLM, LLaVA-1.5's LoRA recipe by default:
+#   lr 2e-4, lora_r 128, lora_alpha 256, mm_projector_lr 2e-5, ZeRO-3, 1 epoch, template v1, global batch 128,
+#   group_by_modality_length, image_aspect_ratio pad, model_max_length 2048, gradient checkpointing.
+#
+# Every setting is an environment variable (defaults in brackets); extra arguments go to the trainer as-is
+# and win over the defaults (e.g. `bash scripts/finetune_lora.sh --max_steps 100 --save_steps 50`).
+#   MODEL              base LLM folder (Llama architecture)          [lmsys/vicuna-7b-v1.5]
+#   VISION_TOWER       DripVisionModel folder or preset              [drip-l-14-4x]
+#   PRETRAIN_ADAPTER   stage-1 output: mm_projector.safetensors, its folder, or LLaVA's .bin; empty = fresh projector
+#                                                                     [./checkpoints/drip-llava-pretrain/mm_projector.safetensors]
+#   DATA_PATH          LLaVA JSON                                    [./playground/data/llava_v1_5_mix665k.json]
+#   IMAGE_FOLDER       root of the JSON's image paths               [./playground/data]
+#   OUTPUT_DIR                                                       [./checkpoints/drip-llava-lora]
+#   VERSION            conversation template (v1, llava_v1, chat_template, ...)           [v1]
+#   NUM_GPUS           processes on this machine                     [all GPUs; 1 on a CPU-only machine]
+#   MASTER_PORT                                                      [29500]
+#   BITS               16, 8, or 4 (= QLoRA, bitsandbytes NF4)       [16]
+#   DS_CONFIG          DeepSpeed config                              [scripts/zero3.json; zero2.json when BITS<16]
+#   PRECISION          bf16 | fp16 | fp32                            [bf16 on GPUs that have it, else fp16; fp32 on CPU]
+#   PER_DEVICE_BATCH   micro-batch per process                       [16]
+#   GLOBAL_BATCH       kept constant: gradient accumulation = GLOBAL_BATCH / (NUM_GPUS * PER_DEVICE_BATCH)   [128]
+#   EPOCHS [1]  MAX_STEPS [-1 = by epochs]  SAVE_STEPS [50000]  SAVE_TOTAL_LIMIT [1]  LOGGING_STEPS [1]
+#   LR [2e-4]  MM_PROJECTOR_LR [2e-5]  LORA_R [128]  LORA_ALPHA [256]  LORA_DROPOUT [0.05]
+#   MODEL_MAX_LENGTH [2048]  GRAD_CKPT [True]  NUM_WORKERS [4]  IMAGE_ASPECT_RATIO [pad]
+#   RESUME             auto (continue from the last OUTPUT_DIR/checkpoint-N if any) | True | PATH | False   [auto]
+#   REPORT_TO [none]   PYTHON [python]   DEEPSPEED [deepspeed]
+#
+# Output (also in every checkpoint-N, with the optimizer state for resuming): adapter_config.json +
+# adapter_model.safetensors + non_lora_trainables.safetensors + config.json + vision_tower/. Load with
+# load_pretrained_model(OUTPUT_DIR, model_base=MODEL); merge with scripts/merge_lora.py.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+DEEPSPEED="${DEEPSPEED:-deepspeed}"
+
+MODEL="${MODEL:-lmsys/vicuna-7b-v1.5}"
+VISION_TOWER="${VISION_TOWER:-drip-l-14-4x}"
+PRETRAIN_ADAPTER="${PRETRAIN_ADAPTER-./checkpoints/drip-llava-pretrain/mm_projector.safetensors}"
+DATA_PATH="${DATA_PATH:-./playground/data/llava_v1_5_mix665k.json}"
+IMAGE_FOLDER="${IMAGE_FOLDER:-./playground/data}"
+OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/drip-llava-lora}"
+VERSION="${VERSION:-v1}"
+BITS="${BITS:-16}"
+PER_DEVICE_BATCH="${PER_DEVICE_BATCH:-16}"
+GLOBAL_BATCH="${GLOBAL_BATCH:-128}"
+EPOCHS="${EPOCHS:-1}"
+MAX_STEPS="${MAX_STEPS:--1}"
+SAVE_STEPS="${SAVE_STEPS:-50000}"
+SAVE_TOTAL_LIMIT="${SAVE_TOTAL_LIMIT:-1}"
+LOGGING_STEPS="${LOGGING_STEPS:-1}"
+LR="${LR:-2e-4}"
+MM_PROJECTOR_LR="${MM_PROJECTOR_LR:-2e-5}"
+LORA_R="${LORA_R:-128}"
+LORA_ALPHA="${LORA_ALPHA:-256}"
+LORA_DROPOUT="${LORA_DROPOUT:-0.05}"
+MODEL_MAX_LENGTH="${MODEL_MAX_LENGTH:-2048}"
+GRAD_CKPT="${GRAD_CKPT:-True}"
+NUM_WORKERS="${NUM_WORKERS:-4}"
+IMAGE_ASPECT_RATIO="${IMAGE_ASPECT_RATIO:-pad}"
+RESUME="${RESUME:-auto}"
+REPORT_TO="${REPORT_TO:-none}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+
+case "$BITS" in 16|8|4) ;; *) echo "BITS must be 16, 8 or 4 (got $BITS)" >&2; exit 2 ;; esac
+if [[ "$BITS" == 16 ]]; then
+  DS_CONFIG="${DS_CONFIG:-$ROOT/scripts/zero3.json}"
+else
+  # bitsandbytes weights are not partitioned by ZeRO-3: QLoRA shards optimizer state and gradients only
+  DS_CONFIG="${DS_CONFIG:-$ROOT/scripts/zero2.json}"
+fi
+
+# one probe of the hardware: "<number of GPUs> <bf16 supported: 1/0>"
+read -r GPUS BF16_OK < <("$PYTHON" -c "import torch; c = torch.cuda.is_available(); \
+print(torch.cuda.device_count() if c else 0, int(c and torch.cuda.is_bf16_supported()))")
+NUM_GPUS="${NUM_GPUS:-$(( GPUS > 0 ? GPUS : 1 ))}"
+
+DEVICE_ARGS=()
+if [[ "$GPUS" == 0 ]]; then
+  PRECISION="${PRECISION:-fp32}"
+  [[ "$PRECISION" == fp16 ]] && { echo "PRECISION=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32" >&2; exit 2; }
+  DEVICE_ARGS+=(--use_cpu True)  # HF Trainer + DeepSpeed on CPU need it (gloo backend)
+  export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+else
+  PRECISION="${PRECISION:-$([[ "$BF16_OK" == 1 ]] && echo bf16 || echo fp16)}"
+fi
+case "$PRECISION" in
+  bf16) DEVICE_ARGS+=(--bf16 True --fp16 False) ;;
+  fp16) DEVICE_ARGS+=(--fp16 True --bf16 False) ;;
+  fp32) DEVICE_ARGS+=(--bf16 False --fp16 False) ;;
+  *) echo "PRECISION must be bf16, fp16 or fp32 (got $PRECISION)" >&2; exit 2 ;;
+esac
+
+PER_STEP=$(( NUM_GPUS * PER_DEVICE_BATCH ))
+if (( GLOBAL_BATCH % PER_STEP != 0 )); then
+  echo "GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of NUM_GPUS*PER_DEVICE_BATCH=$PER_STEP" >&2; exit 2
+fi
+GRAD_ACCUM=$(( GLOBAL_BATCH / PER_STEP ))
+
+ADAPTER_ARGS=()
+[[ -n "$PRETRAIN_ADAPTER" ]] && ADAPTER_ARGS+=(--pretrain_mm_mlp_adapter "$PRETRAIN_ADAPTER")
+
+echo "finetune_lora: $NUM_GPUS process(es), BITS=$BITS, $PRECISION, $(basename "$DS_CONFIG"), global batch" \
+     "$GLOBAL_BATCH = $NUM_GPUS x $PER_DEVICE_BATCH x $GRAD_ACCUM (accumulation) -> $OUTPUT_DIR" >&2
+
+exec "$DEEPSPEED" --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT" --module drip_llava.train.train \
+    --lora_enable True --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT" \
+    --mm_projector_lr "$MM_PROJECTOR_LR" --bits "$BITS" \
+    --deepspeed "$DS_CONFIG" \
+    --model_name_or_path "$MODEL" \
+    --version "$VERSION" \
+    --data_path "$DATA_PATH" \
+    --image_folder "$IMAGE_FOLDER" \
+    --vision_tower "$VISION_TOWER" \
+    "${ADAPTER_ARGS[@]}" \
+    --mm_projector_type mlp2x_gelu \
+    --mm_vision_select_layer -2 \
+    --image_aspect_ratio "$IMAGE_ASPECT_RATIO" \
+    --group_by_modality_length True \
+    "${DEVICE_ARGS[@]}" \
+    --output_dir "$OUTPUT_DIR" \
+    --num_train_epochs "$EPOCHS" \
+    --max_steps "$MAX_STEPS" \
+    --per_device_train_batch_size "$PER_DEVICE_BATCH" \
+    --gradient_accumulation_steps "$GRAD_ACCUM" \
+    --eval_strategy no \
+    --save_strategy steps \
+    --save_steps "$SAVE_STEPS" \
+    --save_total_limit "$SAVE_TOTAL_LIMIT" \
+    --learning_rate "$LR" \
+    --weight_decay 0. \
+    --warmup_ratio 0.03 \
+    --lr_scheduler_type cosine \
+    --logging_steps "$LOGGING_STEPS" \
+    --model_max_length "$MODEL_MAX_LENGTH" \
+    --gradient_checkpointing "$GRAD_CKPT" \
+    --dataloader_num_workers "$NUM_WORKERS" \
+    --lazy_preprocess True \
+    --resume_from_checkpoint "$RESUME" \
+    --report_to "$REPORT_TO" \
+    "$@"
