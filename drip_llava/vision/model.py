@@ -83,8 +83,11 @@ class BoundaryPredictor(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,L,D] -> [B,L]
+        # fp32 even when the weights were cast to bf16/fp16 (DeepSpeed casts the whole model)
+        fc1, act, fc2 = self.mlp
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.mlp(x.float()).squeeze(-1)
+            h = act(F.linear(x.float(), fc1.weight.float(), fc1.bias.float()))
+            return F.linear(h, fc2.weight.float(), fc2.bias.float()).squeeze(-1)
 
 
 def sample_boundaries(logits: torch.Tensor, config: DripVisionConfig, training: bool):
@@ -138,6 +141,10 @@ def rate_loss(b: torch.Tensor, config: DripVisionConfig) -> torch.Tensor:
     if config.rate_loss == "hinge":  # two-sided: no push inside the margin band
         return F.relu((rate - p).abs() - config.rate_hinge_margin).mean()
     return ((rate - p) ** 2).mean()  # squared
+
+
+def _to_rgb(image):  # module-level so the transform pickles into data-loader workers
+    return image.convert("RGB")
 
 
 class DripVisionModel(PreTrainedModel):
@@ -198,7 +205,7 @@ class DripVisionModel(PreTrainedModel):
         return T.Compose([
             T.Resize(c.image_size, interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(c.image_size),
-            T.Lambda(lambda im: im.convert("RGB")),
+            T.Lambda(_to_rgb),
             T.ToTensor(),
             T.Normalize(c.image_mean, c.image_std),
         ])
