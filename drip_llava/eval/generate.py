@@ -1,0 +1,179 @@
+"""Answer a LLaVA question file (one chunk of it), resumable: LLaVA's answers jsonl, plus timings.
+
+    python -m drip_llava.eval.generate --model-path M [--model-base B] --question-file q.jsonl \\
+        --image-folder imgs/ --answers-file answers/4_0.jsonl --num-chunks 4 --chunk-idx 0 \\
+        --conv-mode vicuna_v1 --temperature 0
+
+Questions: jsonl {question_id, text, image (optional: text-only questions work), ...}. A "<image>" in the text is
+moved to the front of the prompt, as in training. Answers: {question_id, prompt, text, answer_id, model_id,
+metadata: {visual_tokens, prefill_ms, vision_ms, new_tokens, finish_reason}}, one line per question, flushed
+as it is written.
+
+Chunks are contiguous slices of ceil(N / K) questions (LLaVA's get_chunk); an out-of-range chunk is empty (LLaVA
+raised IndexError). Rerunning resumes: question_ids already in the answers file are skipped, new answers are
+appended, and a torn last line (a killed run) is cut off first. The answers file always exists afterwards,
+even for an empty chunk. A question whose image is missing or unreadable is skipped and counted; the command
+then exits 1 (so eval/*.sh stop) and a rerun retries only those.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+from drip_llava.eval import qid_key, read_jsonl
+
+logger = logging.getLogger(__name__)
+
+
+def split_list(items: Sequence, n: int) -> list[list]:
+    """LLaVA's split_list: contiguous chunks of ceil(len / n) items (fewer than n chunks when len < n)."""
+    if n < 1:
+        raise ValueError(f"--num-chunks must be >= 1, got {n}")
+    size = math.ceil(len(items) / n) if items else 1
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def get_chunk(items: Sequence, n: int, k: int) -> list:
+    """Chunk k of n (empty when k is past the last non-empty chunk)."""
+    if not 0 <= k < n:
+        raise ValueError(f"--chunk-idx must be in 0..{n - 1}, got {k}")
+    chunks = split_list(items, n)
+    return chunks[k] if k < len(chunks) else []
+
+
+def load_answered(path: Path) -> set[str]:
+    """question_ids already answered in `path`. A last line that is not valid JSON (the run was killed while
+    writing it) is cut off the file; an invalid line elsewhere is an error naming the line."""
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    answered, offset = set(), 0
+    last = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)
+    for i, raw in enumerate(lines):
+        is_last = i == last
+        if raw.strip():
+            try:
+                rec = json.loads(raw)
+                if not isinstance(rec, dict) or "question_id" not in rec:
+                    raise ValueError("not an answer record")
+            except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+                if is_last:
+                    logger.warning("%s: dropping a torn last line (%d bytes) from an interrupted run", path, len(raw))
+                    with open(path, "r+b") as f:
+                        f.truncate(offset)
+                    break
+                raise ValueError(f"{path}:{i + 1}: not a valid answer line ({e}); fix or delete the file") from e
+            answered.add(qid_key(rec["question_id"]))
+        offset += len(raw) + 1
+    if data and not data.endswith(b"\n") and path.stat().st_size == len(data):
+        with open(path, "ab") as f:  # a complete last record without its newline: terminate it
+            f.write(b"\n")
+    return answered
+
+
+def load_questions(path: str) -> list[dict]:
+    questions = read_jsonl(path)
+    seen: set[str] = set()
+    for i, q in enumerate(questions, 1):
+        if "question_id" not in q or "text" not in q:
+            raise ValueError(f"{path}: question {i} lacks 'question_id' or 'text': {str(q)[:200]}")
+        key = qid_key(q["question_id"])
+        if key in seen:
+            raise ValueError(f"{path}: question_id {key!r} appears twice; answers are keyed by question_id")
+        seen.add(key)
+    return questions
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m drip_llava.eval.generate", description=__doc__.split("\n")[0])
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--model-base", default=None)
+    p.add_argument("--question-file", required=True)
+    p.add_argument("--image-folder", default="", help="folder the questions' 'image' paths are relative to")
+    p.add_argument("--answers-file", required=True)
+    p.add_argument("--conv-mode", default=None, help="template (default: the checkpoint's, else vicuna_v1)")
+    p.add_argument("--num-chunks", type=int, default=1)
+    p.add_argument("--chunk-idx", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
+    p.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None)
+    p.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=128)
+    p.add_argument("--load-8bit", action="store_true")
+    p.add_argument("--load-4bit", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (each question reseeds: resumable)")
+    p.add_argument("--model-id", default=None, help="model_id written in the answers (default: model folder name)")
+    p.add_argument("--max-image-pixels", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    """Returns {answered, skipped_done, failed: [question_ids], answers_file}; exits 1 when some failed."""
+    args = parse_args(argv)
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    from drip_llava.serve.chat import DEFAULT_MAX_PIXELS, ChatEngine, GenerationSettings, ImageRejected
+
+    questions = load_questions(args.question_file)
+    chunk = get_chunk(questions, args.num_chunks, args.chunk_idx)
+    out_path = Path(args.answers_file)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    answered = load_answered(out_path)
+    out_path.touch()  # exists even for an empty chunk (the merge step cats every chunk file)
+    todo = [q for q in chunk if qid_key(q["question_id"]) not in answered]
+    result = {"answered": 0, "skipped_done": len(chunk) - len(todo), "failed": [], "answers_file": str(out_path)}
+    print(f"chunk {args.chunk_idx}/{args.num_chunks}: {len(chunk)} questions, {result['skipped_done']} already "
+          f"answered, {len(todo)} to do -> {out_path}", file=sys.stderr, flush=True)
+    if not todo:
+        return result
+
+    max_pixels = args.max_image_pixels or DEFAULT_MAX_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    engine = ChatEngine.from_pretrained(args.model_path, model_base=args.model_base, load_8bit=args.load_8bit,
+                                        load_4bit=args.load_4bit, device=args.device, conv_mode=args.conv_mode,
+                                        max_image_pixels=max_pixels)
+    model_id = args.model_id or engine.model_name
+    settings = GenerationSettings(temperature=args.temperature, top_p=args.top_p,
+                                  max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    folder = Path(args.image_folder) if args.image_folder else Path(".")
+    with open(out_path, "a", encoding="utf-8") as f:
+        for q in tqdm(todo, desc=f"answers {out_path.name}", dynamic_ncols=True):
+            image = None
+            if q.get("image"):
+                try:
+                    image, _ = engine.load_image(folder / q["image"], name=str(folder / q["image"]))
+                except ImageRejected as e:
+                    logger.error("question %s skipped: %s", q["question_id"], e)
+                    result["failed"].append(q["question_id"])
+                    continue
+            torch.manual_seed(args.seed)
+            reply = engine.generate([{"role": "user", "content": q["text"]}], image, settings)
+            rec = {"question_id": q["question_id"], "prompt": q["text"], "text": reply.text,
+                   "answer_id": uuid.uuid4().hex, "model_id": model_id,
+                   "metadata": {"visual_tokens": reply.visual_tokens,
+                                "prefill_ms": None if reply.prefill_ms is None else round(reply.prefill_ms, 2),
+                                "vision_ms": round(reply.vision_ms, 2), "new_tokens": reply.new_tokens,
+                                "finish_reason": reply.finish_reason, "conv_mode": engine.conv_mode}}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            result["answered"] += 1
+    if result["failed"]:
+        print(f"{len(result['failed'])} questions skipped (unreadable images, see above): "
+              f"{result['failed'][:20]}; rerun to retry them", file=sys.stderr, flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(1 if main()["failed"] else 0)

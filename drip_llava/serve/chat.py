@@ -1,0 +1,511 @@
+"""The one chat engine behind the Gradio app, the terminal CLI and batch answer generation.
+
+`ChatEngine` owns the loaded model and does, for every answer: build the prompt from a conversation template,
+splice in the image (its real, per-image number of visual tokens), fit the conversation into the context,
+generate (streamed token by token from a worker thread, stoppable through a `threading.Event`) and time the
+stages: `vision_ms` (tower + projector + splicing), `prefill_ms` (the LLM's first forward over the spliced
+prompt, up to the first new token) and `ttft_ms` (their sum, from the start).
+
+`load_image_safely` is the only way images get in: it reads the header first, so a 20000x20000 upload is
+refused (or, for JPEG, decoded at a reduced scale) before any pixel memory is allocated, and a non-image or a
+truncated file becomes an `ImageRejected` with a message fit for the user, not a stack trace.
+
+`ChatSession` is the plain-data state of one conversation (image, turns, per-answer stats).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import struct
+import threading
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator, Optional, Union
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from drip_llava.constants import DEFAULT_IMAGE_TOKEN
+from drip_llava.data.conversation import get_template, place_image, tokenizer_image_token
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONV_MODE = "vicuna_v1"  # the trainer's default --version ("v1"), and what eval/*.sh pass
+DEFAULT_MAX_PIXELS = 50_000_000  # images above this (decoded size) are refused; ~150 MB as RGB
+DEFAULT_MAX_SIDE = 2048  # accepted images are downscaled to this longest side (the towers see <= 336 px)
+
+ImageSource = Union[str, os.PathLike, IO[bytes], Image.Image]
+
+
+class ImageRejected(ValueError):
+    """An upload that cannot be used; the message is meant for the user (names the file, says why)."""
+
+
+class PromptTooLong(ValueError):
+    """The conversation does not fit in the model's context even after dropping old turns."""
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB, with transparent areas on white (a plain convert() would paint them black)."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        bg.alpha_composite(rgba)
+        return bg.convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image_safely(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE,
+                      name: Optional[str] = None) -> tuple[Image.Image, list[str]]:
+    """(RGB image with longest side <= max_side, notes) from a path, a binary file object or a PIL image.
+
+    Size is checked from the header before decoding: above `max_pixels` a JPEG is decoded at a reduced scale
+    (libjpeg's DCT scaling, up to 1/8, memory only for the small result), anything else is refused. PIL's own
+    decompression-bomb limit (Image.MAX_IMAGE_PIXELS, set by the CLIs to the same value) is caught too."""
+    if name is None:
+        name = Path(source).name if isinstance(source, (str, os.PathLike)) else "the image"
+    notes: list[str] = []
+    if isinstance(source, Image.Image):
+        w, h = source.size
+        if w * h > max_pixels:
+            raise ImageRejected(f"{name}: {w}x{h} pixels is over the limit of {max_pixels / 1e6:.0f} MP")
+        im = _to_rgb(source)
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check follows
+                opened = Image.open(source)  # reads the header only
+        except Image.DecompressionBombError as e:
+            raise ImageRejected(f"{name}: image too large to open safely ({e})") from e
+        except UnidentifiedImageError as e:
+            raise ImageRejected(f"{name}: not an image file (or a format PIL cannot read)") from e
+        except FileNotFoundError as e:
+            raise ImageRejected(f"{name}: file not found") from e
+        except OSError as e:
+            raise ImageRejected(f"{name}: cannot open the image: {e}") from e
+        with opened:
+            w, h = opened.size
+            if w < 1 or h < 1:
+                raise ImageRejected(f"{name}: empty image ({w}x{h})")
+            if w * h > max_pixels and opened.format == "JPEG":
+                side = max(1, int(math.sqrt(max_pixels)))
+                opened.draft("RGB", (min(w, side), min(h, side)))  # decodes at 1/2, 1/4 or 1/8 scale
+                if opened.size != (w, h):
+                    notes.append(f"decoded at reduced scale {opened.size[0]}x{opened.size[1]} (from {w}x{h})")
+            dw, dh = opened.size
+            if dw * dh > max_pixels:
+                raise ImageRejected(f"{name}: {w}x{h} pixels ({w * h / 1e6:.0f} MP) is over the limit of "
+                                    f"{max_pixels / 1e6:.0f} MP; downscale it first")
+            try:
+                opened.load()
+                im = _to_rgb(ImageOps.exif_transpose(opened))
+            except Image.DecompressionBombError as e:
+                raise ImageRejected(f"{name}: image too large to decode safely ({e})") from e
+            except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
+                raise ImageRejected(f"{name}: the image is corrupt or truncated ({e})") from e
+    if max(im.size) > max_side:
+        before = im.size
+        im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        notes.append(f"downscaled from {before[0]}x{before[1]} to {im.size[0]}x{im.size[1]}")
+    return im, notes
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+@dataclass
+class GenerationSettings:
+    temperature: float = 0.2  # 0 = greedy
+    top_p: Optional[float] = None
+    max_new_tokens: int = 512
+    num_beams: int = 1
+
+    def generate_kwargs(self) -> dict:
+        sample = self.temperature > 0
+        kw = {"do_sample": sample, "num_beams": int(self.num_beams)}
+        if sample:
+            kw["temperature"] = float(self.temperature)
+            kw["top_p"] = float(self.top_p) if self.top_p is not None else 1.0
+        return kw
+
+
+@dataclass
+class ImageInfo:
+    """What the model makes of one image: its visual token count (what the LLM reads) and DRIP's segments."""
+    num_tokens: int
+    num_patches: int
+    size: tuple[int, int]
+    overlay: Optional[Image.Image] = None  # segment picture on the model's view of the image
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def compression(self) -> float:
+        return self.num_patches / max(1, self.num_tokens)
+
+    def summary(self) -> str:
+        return (f"{self.num_tokens} visual tokens from {self.num_patches} patches "
+                f"({self.compression:.1f}x fewer)")
+
+
+@dataclass
+class Reply:
+    """A (partial while streaming, final when `done`) answer with its timings."""
+    text: str = ""
+    done: bool = False
+    finish_reason: str = ""  # stop (EOS) | length | stopped (stop event)
+    visual_tokens: int = 0
+    prompt_tokens: int = 0  # LLM input length after splicing (text + visual)
+    new_tokens: int = 0
+    vision_ms: float = 0.0
+    prefill_ms: Optional[float] = None  # None with beam search (no per-token streaming there)
+    ttft_ms: Optional[float] = None
+    total_ms: float = 0.0
+    dropped_turns: int = 0  # old question/answer pairs left out to fit the context
+
+    @property
+    def stopped(self) -> bool:
+        return self.finish_reason == "stopped"
+
+    def stats_line(self) -> str:
+        parts = [f"{self.visual_tokens} visual tokens" if self.visual_tokens else "no image"]
+        if self.prefill_ms is not None:
+            parts.append(f"prefill {self.prefill_ms:.0f} ms (vision {self.vision_ms:.0f} ms)")
+        rate = self.new_tokens / (self.total_ms / 1000) if self.total_ms > 0 else 0.0
+        parts.append(f"{self.new_tokens} tokens in {self.total_ms / 1000:.2f} s ({rate:.1f} tok/s)")
+        if self.finish_reason == "stopped":
+            parts.append("stopped")
+        elif self.finish_reason == "length":
+            parts.append("max tokens reached")
+        if self.dropped_turns:
+            parts.append(f"{self.dropped_turns} old turns left out to fit the context")
+        return ", ".join(parts)
+
+
+@dataclass
+class ChatSession:
+    """One conversation: at most one image (LLaVA's single-image prompt: "<image>\\n" opens the first user
+    turn), alternating user/assistant text turns, and the stats of every answer."""
+    image: Optional[Image.Image] = None
+    image_info: Optional[ImageInfo] = None
+    image_name: str = ""
+    messages: list[dict] = field(default_factory=list)  # [{"role": "user"|"assistant", "content": str}]
+    replies: list[Reply] = field(default_factory=list)  # one per assistant message
+
+    def clear(self) -> None:
+        self.image, self.image_info, self.image_name = None, None, ""
+        self.messages, self.replies = [], []
+
+    def set_image(self, image: Image.Image, info: ImageInfo, name: str = "") -> None:
+        """A new image starts a new conversation (earlier answers were about another picture)."""
+        self.clear()
+        self.image, self.image_info, self.image_name = image, info, name
+
+    def add_question(self, text: str) -> None:
+        text = text.replace(DEFAULT_IMAGE_TOKEN, "").strip()
+        if not text:
+            raise ValueError("empty question")
+        if self.messages and self.messages[-1]["role"] == "user":  # an earlier question got no answer (error)
+            self.messages.pop()
+        self.messages.append({"role": "user", "content": text})
+
+    def add_answer(self, reply: Reply) -> None:
+        if not self.messages or self.messages[-1]["role"] != "user":
+            raise ValueError("add_answer without a pending question")
+        self.messages.append({"role": "assistant", "content": reply.text})
+        self.replies.append(reply)
+
+    def pop_answer(self) -> str:
+        """Remove the last answer (for regenerate); returns the question it answered."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+            self.replies.pop()
+        if not self.messages:
+            raise ValueError("nothing to regenerate: ask a question first")
+        return self.messages[-1]["content"]
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.messages) and self.messages[-1]["role"] == "user"
+
+
+# ------------------------------------------------------------------------------------------------ engine
+
+class _StopOnEvent:
+    """StoppingCriteria: end generation once `event` is set (the UIs' stop button, Ctrl-C in the CLI)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _TokenStreamer:
+    """A transformers streamer that decodes after every token (TextIteratorStreamer waits for a space) and
+    records when the first new token arrived (= end of prefill). Thread-safe hand-over through a queue."""
+
+    def __init__(self, tokenizer, to_queue: bool = True):
+        self.tokenizer = tokenizer
+        self.queue: Optional[queue.Queue] = queue.Queue() if to_queue else None
+        self.ids: list[int] = []
+        self.text = ""
+        self.first_token_time: Optional[float] = None
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() first hands over the prompt (empty with inputs_embeds)
+            self._prompt_seen = True
+            return
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        self.ids.extend(int(t) for t in value.flatten().tolist())
+        if self.queue is None:
+            return
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or text == self.text:  # half a multi-byte character, or a special token
+            return
+        self.text = text
+        self.queue.put(text)
+
+    def end(self) -> None:
+        if self.queue is not None:
+            self.queue.put(None)
+
+
+def default_conv_mode(config) -> str:
+    """The template a checkpoint was trained with when its config records it, else LLaVA's default."""
+    for key in ("conv_mode", "version"):
+        value = getattr(config, key, None)
+        if isinstance(value, str) and value:
+            try:
+                get_template(value)
+            except KeyError:
+                continue
+            return value
+    return DEFAULT_CONV_MODE
+
+
+class ChatEngine:
+    """Prompting, image handling and (streamed) generation for one loaded model. Generation is serialised by a
+    lock: one model, one answer at a time (the Gradio queue also runs one job at a time)."""
+
+    def __init__(self, loaded, conv_mode: Optional[str] = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_image_side: int = DEFAULT_MAX_SIDE):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model = loaded.model
+        self.inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.tower = self.inner.get_vision_tower()
+        if self.tower is None:
+            raise ValueError(f"{loaded.model_path}: the model has no vision tower")
+        self.context_len = int(loaded.context_len)
+        self.template = get_template(conv_mode or default_conv_mode(self.inner.config))
+        self.model_name = Path(loaded.model_path).name or str(loaded.model_path)
+        self.max_image_pixels = int(max_image_pixels)
+        self.max_image_side = int(max_image_side)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, model_path, model_base=None, load_8bit: bool = False, load_4bit: bool = False,
+                        device=None, conv_mode: Optional[str] = None, **kwargs) -> "ChatEngine":
+        from drip_llava.model.builder import load_pretrained_model
+
+        loaded = load_pretrained_model(model_path, model_base=model_base, load_8bit=load_8bit, load_4bit=load_4bit,
+                                       device=device)
+        return cls(loaded, conv_mode=conv_mode, **kwargs)
+
+    @property
+    def conv_mode(self) -> str:
+        return self.template.name
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.get_input_embeddings().weight.device
+
+    # -------------------------------------------------------------------------------------- images
+    def load_image(self, source: ImageSource, name: Optional[str] = None) -> tuple[Image.Image, list[str]]:
+        return load_image_safely(source, self.max_image_pixels, self.max_image_side, name=name)
+
+    def pixel_values(self, image: Image.Image) -> torch.Tensor:
+        return self.tower.image_processor(image)[None].to(device=self.tower.device, dtype=self.tower.dtype)
+
+    @torch.inference_mode()
+    def describe_image(self, image: Image.Image, overlay: bool = True) -> ImageInfo:
+        """Visual token count (as the LLM will get them) and, optionally, the segment overlay picture."""
+        from drip_llava.vision.visualize import segment_overlay
+
+        with self._lock:
+            n = int(self.inner.encode_images(self.pixel_values(image))[0].shape[0])
+            pic = segment_overlay(self.tower.model, image)[0] if overlay else None
+        return ImageInfo(num_tokens=n, num_patches=self.tower.config.num_patches, size=image.size, overlay=pic)
+
+    # -------------------------------------------------------------------------------------- prompts
+    def prompt_ids(self, messages: list[dict], has_image: bool) -> tuple[str, torch.Tensor]:
+        """(prompt text, input_ids [1,T] with one IMAGE_TOKEN_INDEX when `has_image`) for a conversation that
+        ends with a user turn; "<image>\\n" is put at the start of the first user turn, as in training."""
+        msgs = place_image([dict(m) for m in messages], has_image)
+        prompt = self.template.render(msgs, self.tokenizer, add_generation_prompt=True).text
+        ids = tokenizer_image_token(prompt, self.tokenizer, add_bos=self.template.add_bos)
+        return prompt, torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def fit_context(self, messages: list[dict], has_image: bool, visual_tokens: int,
+                    max_new_tokens: int) -> tuple[list[dict], str, torch.Tensor, int, int]:
+        """Drop the oldest question/answer pairs after the first (which holds the image) until the prompt plus
+        the answer budget fit the context; then shrink the answer budget. Uses the image's real token count.
+        Returns (messages, prompt, ids, max_new_tokens, dropped pairs)."""
+        msgs, dropped = list(messages), 0
+        while True:
+            prompt, ids = self.prompt_ids(msgs, has_image)
+            length = ids.shape[1] - int(has_image) + visual_tokens
+            if length + max_new_tokens <= self.context_len or len(msgs) < 5:
+                break
+            del msgs[2:4]
+            dropped += 1
+        budget = min(max_new_tokens, self.context_len - length)
+        if budget < 1:
+            raise PromptTooLong(f"the prompt has {length} tokens ({visual_tokens} visual) and the context holds "
+                                f"{self.context_len}: ask a shorter question or clear the conversation")
+        return msgs, prompt, ids, budget, dropped
+
+    # -------------------------------------------------------------------------------------- generation
+    def _prepare(self, messages, image, settings, visual_tokens):
+        t0 = time.perf_counter()
+        has_image = image is not None
+        estimate = visual_tokens if visual_tokens is not None else (self.tower.max_tokens if has_image else 0)
+        _, prompt, ids, max_new, dropped = self.fit_context(messages, has_image, estimate, settings.max_new_tokens)
+        with torch.inference_mode():
+            pixels = self.pixel_values(image) if has_image else None
+            embeds, mask, _, _ = self.inner.prepare_inputs_labels_for_multimodal(ids, None, None, pixels,
+                                                                                 padding_side="left")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        n_visual = embeds.shape[1] - ids.shape[1] + 1 if has_image else 0
+        max_new = min(max_new, self.context_len - embeds.shape[1])  # the hint may have been low
+        if max_new < 1:
+            raise PromptTooLong(f"the prompt has {embeds.shape[1]} tokens ({n_visual} visual) and the context "
+                                f"holds {self.context_len}: ask a shorter question or clear the conversation")
+        reply = Reply(visual_tokens=n_visual, prompt_tokens=int(embeds.shape[1]), vision_ms=1000 * (t1 - t0),
+                      dropped_turns=dropped)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        kwargs = dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new, use_cache=True,
+                      pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id, **settings.generate_kwargs())
+        return t0, t1, reply, kwargs, prompt
+
+    def _finish(self, reply: Reply, ids: list[int], t0: float, t1: float, first: Optional[float],
+                stop_event: threading.Event, max_new: int) -> Reply:
+        eos = self.tokenizer.eos_token_id
+        reply.new_tokens = len(ids)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        stop_str = self.template.stop_str(self.tokenizer)
+        if stop_str and stop_str in text:
+            text = text.split(stop_str)[0]
+        reply.text = text.strip()
+        if stop_event.is_set():
+            reply.finish_reason = "stopped"
+        elif ids and ids[-1] == eos:
+            reply.finish_reason = "stop"
+        else:
+            reply.finish_reason = "length" if len(ids) >= max_new else "stop"
+        if first is not None:
+            reply.prefill_ms = 1000 * (first - t1)
+            reply.ttft_ms = 1000 * (first - t0)
+        reply.total_ms = 1000 * (time.perf_counter() - t0)
+        reply.done = True
+        return reply
+
+    def _stopping(self, stop_event: threading.Event):
+        from transformers import StoppingCriteriaList
+
+        return StoppingCriteriaList([_StopOnEvent(stop_event)])
+
+    def generate(self, messages: list[dict], image: Optional[Image.Image] = None,
+                 settings: Optional[GenerationSettings] = None, stop_event: Optional[threading.Event] = None,
+                 visual_tokens: Optional[int] = None) -> Reply:
+        """The whole answer at once (batch evaluation): same prompt, splicing and timings as `stream`."""
+        settings = settings or GenerationSettings()
+        stop_event = stop_event or threading.Event()
+        with self._lock:
+            t0, t1, reply, kwargs, _ = self._prepare(messages, image, settings, visual_tokens)
+            timer = _TokenStreamer(self.tokenizer, to_queue=False) if settings.num_beams == 1 else None
+            out = self.model.generate(**kwargs, streamer=timer, stopping_criteria=self._stopping(stop_event))
+            ids = [int(t) for t in out[0].tolist()]
+            return self._finish(reply, _cut_at_eos(ids, self.tokenizer.eos_token_id), t0, t1,
+                                timer.first_token_time if timer else None, stop_event, kwargs["max_new_tokens"])
+
+    def stream(self, messages: list[dict], image: Optional[Image.Image] = None,
+               settings: Optional[GenerationSettings] = None, stop_event: Optional[threading.Event] = None,
+               visual_tokens: Optional[int] = None, poll_s: float = 0.1) -> Iterator[Reply]:
+        """Yield a partial Reply (text so far) after every new token, then the final Reply (done=True).
+        Setting `stop_event` ends the answer at the next token; leaving the generator early also stops it."""
+        settings = settings or GenerationSettings()
+        if settings.num_beams != 1:
+            raise ValueError("streaming needs num_beams=1 (transformers cannot stream beam search)")
+        stop_event = stop_event or threading.Event()
+        with self._lock:
+            t0, t1, reply, kwargs, _ = self._prepare(messages, image, settings, visual_tokens)
+            streamer = _TokenStreamer(self.tokenizer)
+            error: list[BaseException] = []
+
+            def work():
+                try:
+                    self.model.generate(**kwargs, streamer=streamer, stopping_criteria=self._stopping(stop_event))
+                except BaseException as e:  # noqa: BLE001 - handed to the consumer thread, re-raised there
+                    error.append(e)
+                finally:
+                    streamer.end()
+
+            thread = threading.Thread(target=work, name="drip-llava-generate", daemon=True)
+            thread.start()
+            finished = False
+            try:
+                while True:
+                    try:
+                        item = streamer.queue.get(timeout=poll_s)
+                    except queue.Empty:
+                        if not thread.is_alive() and streamer.queue.empty():
+                            finished = True
+                            break
+                        continue
+                    if item is None:
+                        finished = True
+                        break
+                    yield Reply(text=item, visual_tokens=reply.visual_tokens, prompt_tokens=reply.prompt_tokens,
+                                vision_ms=reply.vision_ms)
+            finally:
+                if not finished:
+                    stop_event.set()  # the consumer left early (closed generator): end the worker too
+                thread.join()
+        if error:
+            raise error[0]
+        ids = _cut_at_eos(streamer.ids, self.tokenizer.eos_token_id)
+        yield self._finish(reply, ids, t0, t1, streamer.first_token_time, stop_event, kwargs["max_new_tokens"])
+
+    def chat(self, session: ChatSession, settings: Optional[GenerationSettings] = None,
+             stop_event: Optional[threading.Event] = None) -> Iterator[Reply]:
+        """Stream the answer to the session's pending question; the final reply (also a stopped one) is added
+        to the session."""
+        if not session.pending:
+            raise ValueError("no pending question in the session")
+        hint = session.image_info.num_tokens if session.image_info is not None else None
+        final = None
+        for reply in self.stream(session.messages, session.image, settings, stop_event, visual_tokens=hint):
+            final = reply
+            if reply.done:
+                session.add_answer(reply)
+            yield reply
+        if final is None or not final.done:
+            raise RuntimeError("generation ended without a final reply")
+
+
+def _cut_at_eos(ids: list[int], eos: Optional[int]) -> list[int]:
+    """Drop what follows the first EOS (batch-1 generate pads nothing after it, but stay robust)."""
+    if eos is not None and eos in ids:
+        return ids[:ids.index(eos) + 1]
+    return ids
