@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m drip_llava.demo $(if $(QUICK),--quick) $(if $(FRESH),--fresh)
+	$(PY) scripts/demo.py $(if $(QUICK),--quick) $(if $(FRESH),--fresh)
 
 test: install
 	$(PY) -m pytest tests -x -q --timeout 1800 $(PYTEST_ARGS)

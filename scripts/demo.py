@@ -1,0 +1,310 @@
+"""The whole DRIP-LLaVA pipeline on a laptop CPU, on the embedded default (synthetic shapes world + SmolLM2-135M).
+
+    python scripts/demo.py [--quick] [--fresh] [--out playground/demo]     (what `make demo [QUICK=1]` runs)
+
+Stages (each runs the same command a user would type, and is skipped on a rerun when its output is complete):
+  data -> clip (ViT-tiny, DRIP-tiny-4x with torchrun x2; DRIP-tiny-10x) -> boundaries -> llm -> stage1 (deepspeed,
+  zero2) -> stage2 (scripts/finetune_lora.sh) -> eval (ScienceQA-format MC, blank-image control, exact match,
+  efficiency) -> report (REPORT.md + PNG plots). Results land in OUT/results.json, which the QUICK test asserts on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+BIN = Path(PY).parent
+
+
+@dataclass
+class Budget:
+    n_train: int
+    n_val: int
+    clip_steps: int
+    clip_batch: int  # per rank (2 ranks)
+    clip_lr: float
+    stage1_steps: int
+    stage2_steps: int
+    llava_batch: int  # per rank (2 ranks)
+    stage1_lr: float
+    stage2_lr: float
+    lora_r: int
+    n_eval: int  # ScienceQA-format questions evaluated
+    n_exact: int  # held-out short-answer questions
+
+
+FULL = Budget(n_train=8000, n_val=800, clip_steps=150, clip_batch=32, clip_lr=1e-3, stage1_steps=80,
+              stage2_steps=120, llava_batch=4, stage1_lr=1e-3, stage2_lr=5e-4, lora_r=16, n_eval=200, n_exact=100)
+QUICK = Budget(n_train=2400, n_val=400, clip_steps=50, clip_batch=32, clip_lr=1e-3, stage1_steps=20,
+               stage2_steps=40, llava_batch=4, stage1_lr=1e-3, stage2_lr=5e-4, lora_r=16, n_eval=60, n_exact=30)
+CLIP_MODELS = ("vit-tiny-16", "drip-tiny-16-4x", "drip-tiny-16-10x")
+LLAVA_TOWER = "drip-tiny-16-4x"
+
+
+class Demo:
+    def __init__(self, out: Path, budget: Budget, quick: bool):
+        self.out, self.b, self.quick = out, budget, quick
+        self.data = out / "data"
+        self.logs = out / "logs"
+        self.report = out / "report"
+        self.results_path = out / "results.json"
+        self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+                    "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                    "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+
+    # ---- plumbing ------------------------------------------------------------------------------
+    def run(self, name: str, cmd: list, env: dict | None = None):
+        """Runs a command, its output shown live and kept in logs/NAME.log; a failure stops the demo with the log path."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / f"{name}.log"
+        print(f"\n$ {' '.join(map(str, cmd))}", flush=True)
+        with open(log, "w") as f:
+            proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env={**self.env, **(env or {})},
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            for line in proc.stdout:
+                f.write(line)
+                if not self.quiet_line(line):
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+        if proc.wait() != 0:
+            raise SystemExit(f"demo: step '{name}' failed (exit {proc.returncode}); see {log}")
+
+    @staticmethod
+    def quiet_line(line: str) -> bool:
+        return "[WARNING]" in line and "real_accelerator" in line
+
+    def stage(self, name: str, fn):
+        if self.results.get("done", {}).get(name):
+            print(f"[demo] {name}: done in an earlier run, reusing (make demo FRESH=1 to start over)")
+            return
+        print(f"\n[demo] ===== {name} =====", flush=True)
+        t = time.time()
+        fn()
+        self.results.setdefault("done", {})[name] = True
+        self.results.setdefault("seconds", {})[name] = round(time.time() - t, 1)
+        self.save()
+
+    def save(self):
+        tmp = self.results_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=2))
+        os.replace(tmp, self.results_path)
+
+    # ---- stages ----------------------------------------------------------------------------------
+    def make_data(self):
+        b = self.b
+        self.run("data", [PY, "-m", "vision_pretrain.synthetic", "--out", self.data, "--n-train", b.n_train,
+                          "--n-val", b.n_val, "--seed", "0", "--n-sqa", b.n_eval, "--workers", "2"])
+
+    def shards(self, split: str) -> str:
+        n = len(list(self.data.glob(f"{split}-*.tar")))
+        return str(self.data / f"{split}-{{000000..{n - 1:06d}}}.tar")
+
+    def clip(self):
+        b = self.b
+        for preset in CLIP_MODELS:
+            run = self.out / "clip" / preset
+            self.run(f"clip-{preset}", [
+                BIN / "torchrun", "--nproc_per_node", "2", "--master_port", "29533", "-m", "vision_pretrain.clip",
+                "--train-data", self.shards("train"), "--model", preset, "--text-model", "tiny",
+                "--batch-size", b.clip_batch, "--steps", b.clip_steps, "--lr", b.clip_lr,
+                "--warmup", max(5, b.clip_steps // 10), "--output", run, "--resume", "auto",
+                "--save-every", max(10, b.clip_steps // 3), "--log-every", "5",
+                "--zeroshot-dir", self.data / "imagefolder" / "val", "--classnames", self.data / "classnames.json"])
+            self.results.setdefault("clip", {})[preset] = summarize_clip_log(run / "log.jsonl")
+            self.save()
+
+    def sample_images(self, n: int) -> list[str]:
+        """n val images from different classes (deterministic)."""
+        folders = sorted((self.data / "imagefolder" / "val").iterdir())
+        return [str(sorted(f.glob("*.jpg"))[0]) for f in folders[:: max(1, len(folders) // n)][:n]]
+
+    def boundaries(self):
+        self.report.mkdir(parents=True, exist_ok=True)
+        val = self.sample_images(4)
+        for preset in CLIP_MODELS[1:]:
+            tower = self.out / "clip" / preset / "vision_tower"
+            self.run(f"viz-{preset}", [PY, "-m", "drip_llava.vision.visualize", "--model", tower,
+                                       *sum((["--image", p] for p in val), []),
+                                       "--image", "example:astronaut", "--image", "example:coffee",
+                                       "--out", self.report / f"boundaries_{preset}.png"])
+
+    def llm(self):
+        code = "from drip_llava.model.embedded_llm import prepare_embedded_llm; print(prepare_embedded_llm())"
+        self.run("llm", [PY, "-c", code])
+        self.results["llm"] = (self.logs / "llm.log").read_text().strip().splitlines()[-1]
+
+    @property
+    def llm_dir(self) -> str:
+        return self.results["llm"]
+
+    def stage1(self):
+        b = self.b
+        self.run("stage1", [
+            BIN / "deepspeed", "--num_gpus", "2", "--master_port", "29534", "scripts/pretrain_projector.py",
+            "--model_name_or_path", self.llm_dir, "--vision_tower", self.out / "clip" / LLAVA_TOWER / "vision_tower",
+            "--version", "plain", "--data_path", self.data / "llava" / "pretrain.json",
+            "--image_folder", self.data / "imagefolder", "--mm_projector_type", "mlp2x_gelu",
+            "--deepspeed", "scripts/zero2.json", "--output_dir", self.out / "stage1",
+            "--per_device_train_batch_size", b.llava_batch, "--max_steps", b.stage1_steps,
+            "--learning_rate", b.stage1_lr, "--model_max_length", "256", "--dataloader_num_workers", "0",
+            "--save_steps", max(10, b.stage1_steps // 2), "--resume_from_checkpoint", "auto"])
+        self.results["stage1"] = summarize_hf_log(self.out / "stage1")
+
+    def stage2(self):
+        b = self.b
+        env = dict(MODEL=self.llm_dir, VISION_TOWER=str(self.out / "clip" / LLAVA_TOWER / "vision_tower"),
+                   PRETRAIN_ADAPTER=str(self.out / "stage1" / "mm_projector.safetensors"),
+                   DATA_PATH=str(self.data / "llava" / "instruct.json"), IMAGE_FOLDER=str(self.data / "imagefolder"),
+                   OUTPUT_DIR=str(self.out / "stage2"), VERSION="chat_template", NUM_GPUS="2", MASTER_PORT="29535",
+                   DS_CONFIG=str(ROOT / "scripts" / "zero2.json"), PER_DEVICE_BATCH=str(b.llava_batch),
+                   GLOBAL_BATCH=str(2 * b.llava_batch), MAX_STEPS=str(b.stage2_steps),
+                   SAVE_STEPS=str(max(10, b.stage2_steps // 2)), LR=str(b.stage2_lr), MM_PROJECTOR_LR=str(b.stage1_lr / 5),
+                   LORA_R=str(b.lora_r), LORA_ALPHA=str(2 * b.lora_r), MODEL_MAX_LENGTH="384", NUM_WORKERS="0",
+                   GRAD_CKPT="False", PYTHON=PY, DEEPSPEED=str(BIN / "deepspeed"))
+        self.run("stage2", ["bash", "scripts/finetune_lora.sh"], env=env)
+        self.results["stage2"] = summarize_hf_log(self.out / "stage2")
+
+    def evaluate(self):
+        ev = self.out / "eval"
+        ev.mkdir(parents=True, exist_ok=True)
+        sqa = self.data / "scienceqa"
+        model = ["--model-path", self.out / "stage2", "--model-base", self.llm_dir]
+        self.run("sqa-convert", [PY, "-m", "drip_llava.eval.scienceqa", "convert", "--base-dir", sqa,
+                                 "--split", "test", "--out", ev / "sqa_questions.jsonl"])
+        blank = make_blank_images(sqa / "images" / "test", ev / "blank_images")
+        for tag, images in (("image", sqa / "images" / "test"), ("blank", blank)):
+            self.run(f"sqa-generate-{tag}", [PY, "-m", "drip_llava.eval.generate", *model,
+                                             "--question-file", ev / "sqa_questions.jsonl", "--image-folder", images,
+                                             "--answers-file", ev / f"sqa_answers_{tag}.jsonl", "--temperature", "0",
+                                             "--max-new-tokens", "8"])
+            self.run(f"sqa-score-{tag}", [PY, "-m", "drip_llava.eval.scienceqa", "score", "--base-dir", sqa,
+                                          "--result-file", ev / f"sqa_answers_{tag}.jsonl",
+                                          "--output-file", ev / f"sqa_scored_{tag}.jsonl",
+                                          "--output-result", ev / f"sqa_result_{tag}.json"])
+            self.results.setdefault("scienceqa", {})[tag] = read_sqa_result(ev / f"sqa_result_{tag}.json", sqa)
+        # exact match on held-out short-answer questions (val images)
+        qfile = ev / "exact_questions.jsonl"
+        lines = (self.data / "llava" / "val_questions.jsonl").read_text().splitlines()[: self.b.n_exact]
+        qfile.write_text("\n".join(lines) + "\n")
+        self.run("exact-generate", [PY, "-m", "drip_llava.eval.generate", *model, "--question-file", qfile,
+                                    "--image-folder", self.data / "imagefolder", "--answers-file",
+                                    ev / "exact_answers.jsonl", "--temperature", "0", "--max-new-tokens", "16"])
+        self.results["exact_match"] = exact_match(qfile, ev / "exact_answers.jsonl")
+        self.run("efficiency", [PY, "-m", "drip_llava.eval.efficiency", *model, "--images", "examples",
+                                "--json", ev / "efficiency.json"])
+        self.results["efficiency"] = json.loads((ev / "efficiency.json").read_text())
+        towers = ",".join(["vit-tiny-16"] + [str(self.out / "clip" / p / "vision_tower") for p in CLIP_MODELS[1:]])
+        self.run("prefill-bench", [PY, "-m", "drip_llava.model.prefill_bench", "--llm", self.llm_dir,
+                                   "--towers", towers, "--no-calibrate", "--repeats", "3", "--threads", "2",
+                                   "--images", ",".join(self.sample_images(6) + ["astronaut", "coffee"]),
+                                   "--json", ev / "prefill.json"])
+        self.results["prefill"] = json.loads((ev / "prefill.json").read_text())
+
+    def write_report(self):
+        from demo_report import write_report  # scripts/ is on sys.path when this file runs
+
+        write_report(self.out, self.results, asdict(self.b), self.quick)
+
+
+def summarize_clip_log(path: Path) -> dict:
+    recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    steps = [r for r in recs if r.get("event") == "step"]
+    epochs = [r for r in recs if r.get("event") == "epoch"]
+    last = epochs[-1] if epochs else {}
+    tail = steps[-max(1, len(steps) // 4):]
+    return {
+        "steps": [{k: r.get(k) for k in ("step", "loss", "boundary_rate", "tokens_per_img", "step_time")} for r in steps],
+        "zeroshot_top1": last.get("zeroshot_top1"), "zeroshot_top5": last.get("zeroshot_top5"),
+        "eval_tokens_per_img": last.get("zeroshot_tokens_per_img"), "gmacs": last.get("gmacs"),
+        "avg_step_time": last.get("avg_step_time"),
+        "train_boundary_rate": sum(r["boundary_rate"] for r in tail) / len(tail) if tail else None,
+    }
+
+
+def summarize_hf_log(out: Path) -> dict:
+    """Loss curve from the trainer's metrics.jsonl (first/last, and every record for the plot)."""
+    path = out / "metrics.jsonl"
+    recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    losses = [(r.get("step"), r["loss"]) for r in recs if "loss" in r]
+    tps = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r]
+    return {"losses": losses, "tokens_per_s": sum(tps) / len(tps) if tps else None}
+
+
+def make_blank_images(src: Path, dst: Path) -> Path:
+    """The same files, every image replaced by a flat grey one: the control that shows answers use the image."""
+    from PIL import Image
+
+    for p in sorted(src.rglob("*.png")):
+        q = dst / p.relative_to(src)
+        if not q.exists():
+            q.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(p) as im:
+                Image.new("RGB", im.size, (128, 128, 128)).save(q)
+    return dst
+
+
+def read_sqa_result(path: Path, sqa_dir: Path) -> dict:
+    r = json.loads(path.read_text())
+    problems = json.loads((sqa_dir / "problems.json").read_text())
+    test = json.loads((sqa_dir / "pid_splits.json").read_text())["test"]
+    chance = sum(1 / len(problems[p]["choices"]) for p in test) / len(test)
+    return {"acc": r.get("acc"), "img_acc": r.get("img_acc"), "chance": 100 * chance, "n": r.get("count")}
+
+
+def exact_match(qfile: Path, afile: Path) -> dict:
+    gold = {}
+    for l in qfile.read_text().splitlines():
+        q = json.loads(l)
+        gold[q["question_id"]] = str(q["answer"])
+    norm = lambda s: s.strip().lower().rstrip(".").strip()  # noqa: E731
+    hits = n = 0
+    for l in afile.read_text().splitlines():
+        a = json.loads(l)
+        if a["question_id"] in gold:
+            n += 1
+            hits += norm(a["text"]) == norm(gold[a["question_id"]])
+    return {"accuracy": 100 * hits / max(n, 1), "n": n}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller budget (~6 minutes); what CI runs")
+    p.add_argument("--fresh", action="store_true", help="delete OUT and start over")
+    p.add_argument("--out", default=None, help="output folder (default playground/demo, or playground/demo-quick)")
+    p.add_argument("--stages", default=None, help="comma-separated subset of stages to run (default: all)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out or ROOT / "playground" / ("demo-quick" if args.quick else "demo")).resolve()
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    demo = Demo(out, QUICK if args.quick else FULL, args.quick)
+    stages = [("data", demo.make_data), ("clip", demo.clip), ("boundaries", demo.boundaries), ("llm", demo.llm),
+              ("stage1", demo.stage1), ("stage2", demo.stage2), ("eval", demo.evaluate),
+              ("report", demo.write_report)]
+    wanted = set(args.stages.split(",")) if args.stages else None
+    t0 = time.time()
+    for name, fn in stages:
+        if wanted is None or name in wanted:
+            demo.stage(name, fn)
+    demo.results["total_seconds_this_run"] = round(time.time() - t0, 1)
+    demo.save()
+    print(f"\n[demo] finished in {time.time() - t0:.0f} s. Report: {out / 'REPORT.md'}")
+    print(f"[demo] chat with the trained model:\n  {PY} -m drip_llava.serve.gradio_app --model-path "
+          f"{out / 'stage2'} --model-base {demo.results.get('llm', 'LLM_DIR')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""REPORT.md + PNG plots for scripts/demo.py, from its results.json (kept apart so the runner stays readable)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CHANCE_CLIP = 100 / 40  # 40 synthetic classes
+
+
+def _fmt(x, nd=1):
+    return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def plot_curves(results: dict, path: Path):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, r in results.get("clip", {}).items():
+        st = [s for s in r["steps"] if s.get("loss") is not None]
+        axes[0].plot([s["step"] for s in st], [s["loss"] for s in st], label=name)
+    axes[0].set(title="CLIP pretraining loss", xlabel="step", ylabel="loss")
+    axes[0].legend()
+    for ax, stage, title in ((axes[1], "stage1", "LLaVA stage 1 (projector)"),
+                             (axes[2], "stage2", "LLaVA stage 2 (LoRA)")):
+        losses = results.get(stage, {}).get("losses", [])
+        ax.plot([s for s, _ in losses], [l for _, l in losses], color="C3")
+        ax.set(title=title, xlabel="step", ylabel="loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_top1_vs_macs(results: dict, path: Path):
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, r in results.get("clip", {}).items():
+        if r.get("gmacs") is not None and r.get("zeroshot_top1") is not None:
+            ax.scatter(r["gmacs"], r["zeroshot_top1"], s=60)
+            ax.annotate(name, (r["gmacs"], r["zeroshot_top1"]), textcoords="offset points", xytext=(5, 5))
+    ax.axhline(CHANCE_CLIP, ls="--", color="gray", label="chance")
+    ax.set(xlabel="vision GMACs / image (at eval token counts)", ylabel="zero-shot top-1 (%)",
+           title="Zero-shot top-1 vs compute, equal steps")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_tokens(rows: list, path: Path):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = [Path(r["tower"]).parent.name if "/" in r["tower"] else r["tower"] for r in rows]
+    ax.bar(names, [r["visual_tokens_mean"] for r in rows], color="C0", label="visual tokens / image")
+    ax2 = ax.twinx()
+    ax2.plot(names, [r["prefill_ms"] for r in rows], "o-", color="C3", label="LLM prefill ms")
+    ax.set(ylabel="visual tokens per image (mean)", title="Visual tokens and SmolLM2 prefill time")
+    ax2.set_ylabel("prefill ms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, results: dict, budget: dict, quick: bool):
+    rep = out / "report"
+    rep.mkdir(parents=True, exist_ok=True)
+    plot_curves(results, rep / "training_curves.png")
+    plot_top1_vs_macs(results, rep / "top1_vs_macs.png")
+    prefill = results.get("prefill", [])
+    if prefill:
+        plot_tokens(prefill, rep / "tokens_prefill.png")
+
+    L = [f"# DRIP-LLaVA demo report ({'QUICK' if quick else 'full'} budget)", ""]
+    L += ["Everything below was produced by `make demo" + (" QUICK=1" if quick else "") + "` on this machine's CPU "
+          "from the synthetic shapes world and the embedded SmolLM2-135M-Instruct.", ""]
+    L += ["Budget: " + ", ".join(f"{k}={v}" for k, v in budget.items()), ""]
+    secs = results.get("seconds", {})
+    L += ["Stage times (s): " + ", ".join(f"{k} {v}" for k, v in secs.items()), ""]
+
+    L += ["## 1. CLIP pretraining at equal steps (2 ranks, torchrun)", "",
+          "| tower | zero-shot top-1 % | top-5 % | tokens/img (eval) | boundary rate (train, last quarter) | "
+          "target rate | vision GMACs | avg step s |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.get("clip", {}).items():
+        target = 1.0 if name.startswith("vit") else 1 / float(name.rsplit("-", 1)[1].rstrip("x"))
+        L.append(f"| {name} | {_fmt(r.get('zeroshot_top1'))} | {_fmt(r.get('zeroshot_top5'))} | "
+                 f"{_fmt(r.get('eval_tokens_per_img'))} | {_fmt(r.get('train_boundary_rate'), 3)} | {target:.3f} | "
+                 f"{_fmt(r.get('gmacs'), 3)} | {_fmt(r.get('avg_step_time'), 2)} |")
+    L += ["", f"Chance is {CHANCE_CLIP:.1f}% (40 classes).", "",
+          "![training curves](report/training_curves.png)", "", "![top-1 vs MACs](report/top1_vs_macs.png)", ""]
+    L += ["## 2. Boundaries (what DRIP pooled)", ""]
+    for p in sorted(rep.glob("boundaries_*.png")):
+        L += [f"![{p.stem}](report/{p.name})", ""]
+
+    s1, s2 = results.get("stage1", {}), results.get("stage2", {})
+    L += ["## 3. LLaVA stages (DRIP-tiny-16-4x tower, SmolLM2-135M-Instruct)", "",
+          "| stage | command | loss first -> last | tokens/s |", "|---|---|---|---|"]
+    for name, r, cmd in (("1: projector", s1, "deepspeed scripts/pretrain_projector.py (zero2, 2 ranks)"),
+                         ("2: LoRA", s2, "bash scripts/finetune_lora.sh (2 ranks)")):
+        losses = r.get("losses") or []
+        fl = f"{losses[0][1]:.3f} -> {losses[-1][1]:.3f}" if losses else "-"
+        L.append(f"| {name} | `{cmd}` | {fl} | {_fmt(r.get('tokens_per_s'))} |")
+    L.append("")
+
+    sqa = results.get("scienceqa", {})
+    L += ["## 4. Evaluation on held-out synthetic questions", "",
+          "| eval | with the image | image replaced by a blank one | chance |", "|---|---|---|---|"]
+    if sqa:
+        im, bl = sqa.get("image", {}), sqa.get("blank", {})
+        L.append(f"| ScienceQA-format MC accuracy % (scorer: drip_llava.eval.scienceqa) | {_fmt(im.get('acc'))} | "
+                 f"{_fmt(bl.get('acc'))} | {_fmt(im.get('chance'))} |")
+        L.append(f"| ... IMG accuracy % | {_fmt(im.get('img_acc'))} | {_fmt(bl.get('img_acc'))} | |")
+    em = results.get("exact_match", {})
+    if em:
+        L.append(f"| exact match %, short answers ({em.get('n')} questions) | {_fmt(em.get('accuracy'))} | | |")
+    L.append("")
+
+    if prefill:
+        L += ["## 5. Efficiency: visual tokens and LLM prefill", "",
+              "| tower | visual tokens mean [min-max] | tower ms | prefill ms | prefill vs ViT |", "|---|---|---|---|---|"]
+        base = prefill[0]["prefill_ms"]
+        for r in prefill:
+            name = Path(r["tower"]).parent.name if "/" in r["tower"] else r["tower"]
+            L.append(f"| {name} | {r['visual_tokens_mean']:.1f} [{r['visual_tokens_min']}-{r['visual_tokens_max']}] | "
+                     f"{r['tower_ms']:.1f} | {r['prefill_ms']:.1f} | {base / r['prefill_ms']:.2f}x faster |")
+        L += ["", "![tokens and prefill](report/tokens_prefill.png)", ""]
+    eff = results.get("efficiency")
+    if eff:
+        L += ["Efficiency report of the trained model (`python -m drip_llava.eval.efficiency`):", "", "```",
+              json.dumps({k: v for k, v in (eff.get("models", [eff])[0] if isinstance(eff, dict) else {}).items()
+                          if k != "per_image"}, indent=1)[:1500], "```", ""]
+    L += ["LLaVA-Bench review runs when a judge endpoint is configured: see README (`eval/llavabench.sh`).", "",
+          "## Chat with the trained model", "", "```",
+          f"python -m drip_llava.serve.gradio_app --model-path {out / 'stage2'} --model-base {results.get('llm')}",
+          "```", ""]
+    (out / "REPORT.md").write_text("\n".join(L))
