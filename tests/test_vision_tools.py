@@ -138,8 +138,9 @@ def test_bench_main_tiny(tmp_path, capsys):
 
 
 def test_bench_infer_calibrated_tokens():
-    res = bench.run_benchmark(["drip-tiny-16-10x"], mode="infer", batch=3, repeats=1, warmup=0)
+    res = bench.run_benchmark(["drip-tiny-16-10x"], mode="infer", batch=3, repeats=2, warmup=0, clock="cpu")
     r = res["results"][0]
+    assert res["clock"] == "cpu" and len(r["times_s"]) == 2 and all(t > 0 for t in r["times_s"])
     assert r["tokens_mean"] == pytest.approx(6, abs=0.4) and r["tokens_padded"] >= r["tokens_mean"]
 
 
