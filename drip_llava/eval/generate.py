@@ -119,10 +119,10 @@ def main(argv=None) -> dict:
     """Returns {answered, skipped_done, failed: [question_ids], answers_file}; exits 1 when some failed."""
     args = parse_args(argv)
     import torch
-    from PIL import Image
     from tqdm import tqdm
 
-    from drip_llava.serve.chat import DEFAULT_MAX_PIXELS, ChatEngine, GenerationSettings, ImageRejected
+    from drip_llava.serve.chat import (DEFAULT_MAX_PIXELS, ChatEngine, GenerationSettings, ImageRejected,
+                                       configure_pil)
 
     questions = load_questions(args.question_file)
     chunk = get_chunk(questions, args.num_chunks, args.chunk_idx)
@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
         return result
 
     max_pixels = args.max_image_pixels or DEFAULT_MAX_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    configure_pil(max_pixels)
     engine = ChatEngine.from_pretrained(args.model_path, model_base=args.model_base, load_8bit=args.load_8bit,
                                         load_4bit=args.load_4bit, device=args.device, conv_mode=args.conv_mode,
                                         max_image_pixels=max_pixels)

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import queue
+import re
 import struct
 import threading
 import time
@@ -62,13 +63,28 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def configure_pil(max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Process-wide PIL guard for the CLIs: a backstop above our own header check (which refuses anything
+    over `max_pixels`), high enough that JPEGs up to 32x the limit still reach the reduced-scale decode
+    (PIL refuses at open above 2 x MAX_IMAGE_PIXELS)."""
+    Image.MAX_IMAGE_PIXELS = 32 * int(max_pixels)
+
+
+def _bomb_message(name: str, error: Exception, max_pixels: int) -> str:
+    """PIL's decompression-bomb refusal (raised from the header, before any decoding), in our words."""
+    m = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"{int(m.group(1)) / 1e6:.0f} MP" if m else "the image"
+    return (f"{name}: {size} is over the limit of {max_pixels / 1e6:.0f} MP (refused from the header by PIL's "
+            f"decompression-bomb guard); downscale it first")
+
+
 def load_image_safely(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE,
                       name: Optional[str] = None) -> tuple[Image.Image, list[str]]:
     """(RGB image with longest side <= max_side, notes) from a path, a binary file object or a PIL image.
 
     Size is checked from the header before decoding: above `max_pixels` a JPEG is decoded at a reduced scale
     (libjpeg's DCT scaling, up to 1/8, memory only for the small result), anything else is refused. PIL's own
-    decompression-bomb limit (Image.MAX_IMAGE_PIXELS, set by the CLIs to the same value) is caught too."""
+    decompression-bomb refusal (Image.MAX_IMAGE_PIXELS, see configure_pil) becomes such a message too."""
     if name is None:
         name = Path(source).name if isinstance(source, (str, os.PathLike)) else "the image"
     notes: list[str] = []
@@ -83,7 +99,7 @@ def load_image_safely(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS,
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check follows
                 opened = Image.open(source)  # reads the header only
         except Image.DecompressionBombError as e:
-            raise ImageRejected(f"{name}: image too large to open safely ({e})") from e
+            raise ImageRejected(_bomb_message(name, e, max_pixels)) from e
         except UnidentifiedImageError as e:
             raise ImageRejected(f"{name}: not an image file (or a format PIL cannot read)") from e
         except FileNotFoundError as e:
@@ -95,8 +111,10 @@ def load_image_safely(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS,
             if w < 1 or h < 1:
                 raise ImageRejected(f"{name}: empty image ({w}x{h})")
             if w * h > max_pixels and opened.format == "JPEG":
-                side = max(1, int(math.sqrt(max_pixels)))
-                opened.draft("RGB", (min(w, side), min(h, side)))  # decodes at 1/2, 1/4 or 1/8 scale
+                # draft() picks the largest 1/2^k scale (k <= 3) whose result still covers the requested size;
+                # asking for half the target side lengths makes that result land at or below the limit
+                s = math.sqrt(max_pixels / (w * h)) / 2
+                opened.draft("RGB", (max(1, int(w * s)), max(1, int(h * s))))
                 if opened.size != (w, h):
                     notes.append(f"decoded at reduced scale {opened.size[0]}x{opened.size[1]} (from {w}x{h})")
             dw, dh = opened.size
@@ -107,7 +125,7 @@ def load_image_safely(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS,
                 opened.load()
                 im = _to_rgb(ImageOps.exif_transpose(opened))
             except Image.DecompressionBombError as e:
-                raise ImageRejected(f"{name}: image too large to decode safely ({e})") from e
+                raise ImageRejected(_bomb_message(name, e, max_pixels)) from e
             except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
                 raise ImageRejected(f"{name}: the image is corrupt or truncated ({e})") from e
     if max(im.size) > max_side:

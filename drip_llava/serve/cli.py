@@ -16,7 +16,7 @@ import threading
 from typing import Optional, TextIO
 
 from drip_llava.serve.chat import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ChatEngine, ChatSession, GenerationSettings,
-                                   ImageRejected, PromptTooLong)
+                                   ImageRejected, PromptTooLong, configure_pil)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -135,9 +135,7 @@ class TerminalChat:
 def main(argv=None, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None,
          stderr: Optional[TextIO] = None) -> int:
     args = parse_args(argv)
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = args.max_image_pixels
+    configure_pil(args.max_image_pixels)
     err = stderr or sys.stderr
     engine = ChatEngine.from_pretrained(args.model_path, model_base=args.model_base, load_8bit=args.load_8bit,
                                         load_4bit=args.load_4bit, device=args.device, conv_mode=args.conv_mode,

@@ -29,7 +29,7 @@ from typing import Optional
 import gradio as gr
 
 from drip_llava.serve.chat import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ChatEngine, ChatSession, GenerationSettings,
-                                   ImageRejected, PromptTooLong)
+                                   ImageRejected, PromptTooLong, configure_pil)
 
 logger = logging.getLogger(__name__)
 
@@ -311,9 +311,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = args.max_image_pixels  # PIL's own bomb check agrees with ours
+    configure_pil(args.max_image_pixels)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "uvicorn.access", "gradio"):  # no per-request lines (they would carry client info)
         logging.getLogger(noisy).setLevel(logging.WARNING)
