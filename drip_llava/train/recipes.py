@@ -12,6 +12,7 @@ first with deepspeed.zero.GatheredParameters, on every rank (it is a collective)
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -83,6 +84,16 @@ def compute_dtype(training_args) -> torch.dtype:
     return torch.float32
 
 
+def save_model_config(config, out_dir: str) -> None:
+    """The DripLlava config as an inference config: without the training-time quantization (a QLoRA run must not
+    make its readers quantize the base) and with the KV cache on."""
+    clean = copy.deepcopy(config)
+    if hasattr(clean, "quantization_config"):
+        del clean.quantization_config
+    clean.use_cache = True
+    clean.save_pretrained(out_dir)
+
+
 class Recipe:
     """Base: load the LLM into DripLlavaForCausalLM and attach/restore the vision modules."""
 
@@ -147,7 +158,7 @@ class Recipe:
         state = gathered_state(list(tower.named_parameters()))
         if is_main:
             os.makedirs(out_dir, exist_ok=True)
-            base.config.save_pretrained(out_dir)
+            save_model_config(base.config, out_dir)
             tower.save_pretrained(os.path.join(out_dir, "vision_tower"), state_dict=state)
 
     def _save_args(self, out_dir: str) -> None:
@@ -172,9 +183,10 @@ class Stage1Recipe(Recipe):
     def save(self, model, out_dir, is_main, final):
         base = unwrap(model)
         proj = gathered_state(list(base.mm_projector.named_parameters()))
-        self._save_config_and_tower(model, out_dir, is_main)
         if is_main:
             base.save_mm_projector(out_dir, state_dict=proj, include_vision_tower=False)
+        self._save_config_and_tower(model, out_dir, is_main)  # after: its inference config.json wins
+        if is_main:
             self._save_args(out_dir)
 
 
@@ -194,7 +206,7 @@ class FullRecipe(Recipe):
     def save(self, model, out_dir, is_main, final):
         if is_main:
             os.makedirs(out_dir, exist_ok=True)
-            unwrap(model).config.save_pretrained(out_dir)
+            save_model_config(unwrap(model).config, out_dir)
             self._save_args(out_dir)
 
 
