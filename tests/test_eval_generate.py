@@ -1,0 +1,298 @@
+"""drip_llava.eval.generate (LLaVA answers jsonl, chunks, resume) and drip_llava.eval.efficiency (tokens, MACs,
+time to first token, side by side) on tiny checkpoints built here."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from drip_llava.eval import efficiency, generate
+from drip_llava.eval.generate import get_chunk, load_answered
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "camera"]
+
+
+def _build(out, llm_dir, preset, calibrate_on=None):
+    """A full drip-llava checkpoint with a random `preset` tower; a DRIP predictor is calibrated to its target
+    rate on `calibrate_on` (a random predictor fires on about half the patches whatever its compression)."""
+    from transformers import AutoTokenizer
+
+    from drip_llava.model import DripLlavaForCausalLM
+    from drip_llava.model.prefill_bench import calibrate_boundary_rate
+    from drip_llava.vision import DripVisionModel
+
+    torch.manual_seed(0)
+    drip = DripVisionModel.from_preset(preset).eval()
+    if calibrate_on is not None and drip.config.is_drip:
+        calibrate_boundary_rate(drip, torch.stack([drip.preprocess(im) for im in calibrate_on]))
+    model = DripLlavaForCausalLM.from_pretrained(str(llm_dir))
+    model.initialize_vision_modules(drip, "mlp2x_gelu", select_layer=-2)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(llm_dir)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def photos():
+    from drip_llava.vision.images import example_image
+
+    return {n: example_image(n) for n in PHOTOS}
+
+
+@pytest.fixture(scope="module")
+def drip10_dir(tmp_path_factory, tiny_llm_dir, photos):
+    return _build(tmp_path_factory.mktemp("drip10"), tiny_llm_dir, "drip-tiny-16-10x", list(photos.values()))
+
+
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory, tiny_llm_dir):
+    return _build(tmp_path_factory.mktemp("vit"), tiny_llm_dir, "vit-tiny-16")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory, photos):
+    """Images (in a sub-folder, PNG and JPEG) and 7 questions: 5 with an image (one with "<image>" in the text,
+    ids int and str), 2 text-only."""
+    root = tmp_path_factory.mktemp("bench")
+    images = root / "images"
+    (images / "sub").mkdir(parents=True)
+    for i, (name, im) in enumerate(photos.items()):
+        im.save(images / "sub" / (f"{name}.jpg" if i % 2 else f"{name}.png"))
+    qs = [
+        {"question_id": 0, "image": "sub/chelsea.png", "text": "What animal is this?", "category": "conv"},
+        {"question_id": "q1", "image": "sub/coffee.jpg", "text": "<image>\nDescribe the image.", "category": "detail"},
+        {"question_id": 2, "text": "What is two plus two?", "category": "conv"},
+        {"question_id": 3, "image": "sub/astronaut.png", "text": "Who is this?", "category": "complex"},
+        {"question_id": 4, "image": "sub/rocket.jpg", "text": "What is happening?", "category": "complex"},
+        {"question_id": 5, "text": "Name a colour.", "category": "conv"},
+        {"question_id": 6, "image": "sub/camera.png", "text": "Is it black and white?", "category": "conv"},
+    ]
+    qfile = root / "questions.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in qs))
+    return root, images, qfile, qs
+
+
+def _args(model, images, qfile, answers, *extra):
+    return ["--model-path", str(model), "--question-file", str(qfile), "--image-folder", str(images),
+            "--answers-file", str(answers), "--conv-mode", "vicuna_v1", "--temperature", "0",
+            "--max-new-tokens", "6", *extra]
+
+
+def _read(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def full_run(drip10_dir, bench, tmp_path_factory):
+    root, images, qfile, qs = bench
+    out = tmp_path_factory.mktemp("full") / "answers.jsonl"
+    result = generate.main(_args(drip10_dir, images, qfile, out))
+    assert result["answered"] == len(qs) and not result["failed"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+def test_answers_file_format_and_metadata(full_run, bench, drip10_dir):
+    _, _, _, qs = bench
+    recs = _read(full_run)
+    assert [r["question_id"] for r in recs] == [q["question_id"] for q in qs]  # ids kept as given (int / str)
+    for q, r in zip(qs, recs):
+        assert set(r) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+        assert r["prompt"] == q["text"] and r["model_id"] == Path(drip10_dir).name and r["text"]
+        meta = r["metadata"]
+        assert meta["prefill_ms"] > 0 and meta["new_tokens"] == 6 and meta["finish_reason"] == "length"
+        if "image" in q:
+            assert 1 <= meta["visual_tokens"] <= 20  # 64 patches, calibrated to ~10x
+        else:
+            assert meta["visual_tokens"] == 0
+    assert len({r["answer_id"] for r in recs}) == len(recs)
+
+
+def test_chunks_merge_to_the_unchunked_answers(full_run, drip10_dir, bench, tmp_path):
+    _, images, qfile, qs = bench
+    chunks = []
+    for k in range(2):
+        out = tmp_path / f"2_{k}.jsonl"
+        generate.main(_args(drip10_dir, images, qfile, out, "--num-chunks", "2", "--chunk-idx", str(k)))
+        chunks.append(_read(out))
+    assert [len(c) for c in chunks] == [4, 3]  # contiguous, ceil(7 / 2) first (LLaVA's get_chunk)
+    merged = chunks[0] + chunks[1]
+    full = _read(full_run)
+    assert [r["question_id"] for r in merged] == [r["question_id"] for r in full]
+    assert [r["text"] for r in merged] == [r["text"] for r in full]
+    assert [r["metadata"]["visual_tokens"] for r in merged] == [r["metadata"]["visual_tokens"] for r in full]
+    # a chunk past the end (more chunks than questions) still creates its (empty) file, without loading a model
+    empty = tmp_path / "10_9.jsonl"
+    res = generate.main(_args(tmp_path / "no-model-needed", images, qfile, empty, "--num-chunks", "10",
+                              "--chunk-idx", "9"))
+    assert empty.is_file() and empty.read_text() == "" and res["answered"] == 0
+
+
+def test_resume_after_deleting_lines_and_a_torn_write(full_run, drip10_dir, bench, tmp_path):
+    _, images, qfile, qs = bench
+    full = _read(full_run)
+    out = tmp_path / "answers.jsonl"
+    lines = full_run.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:4]) + lines[4][:25])  # last 3 answers gone, the 5th cut mid-write
+    assert load_answered(out) == {"0", "q1", "2", "3"} and out.read_text() == "".join(lines[:4])
+    out.write_text(out.read_text() + lines[4][:25])
+    res = generate.main(_args(drip10_dir, images, qfile, out))
+    assert res["answered"] == 3 and res["skipped_done"] == 4
+    again = _read(out)
+    assert [r["question_id"] for r in again] == [r["question_id"] for r in full]
+    assert [r["text"] for r in again] == [r["text"] for r in full]
+    assert [r["answer_id"] for r in again[:4]] == [r["answer_id"] for r in full[:4]]  # old lines untouched
+    before = out.read_text()
+    assert generate.main(_args(drip10_dir, images, qfile, out))["answered"] == 0 and out.read_text() == before
+    # a complete last record without its newline is kept (and terminated), not re-asked
+    out.write_text(before.rstrip("\n"))
+    assert load_answered(out) == {str(q["question_id"]) for q in qs} and out.read_text() == before
+    # a broken line in the middle is not silently dropped
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(lines[0] + "{not json\n" + lines[1])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not a valid answer line"):
+        load_answered(bad)
+
+
+def test_missing_image_is_skipped_counted_and_retried(drip10_dir, bench, tmp_path):
+    root, images, qfile, qs = bench
+    q2 = tmp_path / "q.jsonl"
+    q2.write_text(json.dumps({"question_id": "a", "image": "sub/none.png", "text": "hi"}) + "\n"
+                  + json.dumps({"question_id": "b", "text": "hello"}) + "\n")
+    out = tmp_path / "a.jsonl"
+    res = generate.main(_args(drip10_dir, images, q2, out))
+    assert res["failed"] == ["a"] and res["answered"] == 1 and [r["question_id"] for r in _read(out)] == ["b"]
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(json.dumps({"question_id": 1, "text": "x"}) + "\n" + json.dumps({"question_id": "1", "text": "y"}))
+    with pytest.raises(ValueError, match="question_id '1' appears twice"):
+        generate.main(_args(drip10_dir, images, dup, tmp_path / "d.jsonl"))
+
+
+def test_get_chunk_matches_llava():
+    def llava_get_chunk(lst, n, k):  # LLaVA's model_vqa.py
+        import math
+
+        chunk_size = math.ceil(len(lst) / n)
+        return [lst[i:i + chunk_size] for i in range(0, len(lst), chunk_size)][k]
+
+    for total in range(0, 23):
+        items = list(range(total))
+        for n in range(1, 9):
+            chunks = [get_chunk(items, n, k) for k in range(n)]
+            assert sum(chunks, []) == items
+            for k in range(n):
+                try:
+                    ref = llava_get_chunk(items, n, k)
+                except (IndexError, ValueError):  # LLaVA fails on chunks past the end; ours are empty
+                    ref = []
+                assert chunks[k] == ref
+    with pytest.raises(ValueError, match="chunk-idx"):
+        get_chunk([1, 2], 2, 2)
+
+
+def test_flags_of_the_eval_scripts_parse():
+    """Every flag eval/*.sh passes to drip_llava.eval.generate is accepted (the scripts are the interface)."""
+    seen = 0
+    for script in sorted((REPO / "eval").glob("*.sh")):
+        text = script.read_text()
+        for block in re.findall(r"-m drip_llava\.eval\.generate \\\n(.*?)(?:&\n|\n\n)", text, re.S):
+            flags = re.findall(r"(--[a-z0-9_-]+)", block)
+            argv = []
+            for f in flags:
+                argv += [f] if f in ("--load-4bit", "--load-8bit") else [f, "1" if "chunk" in f or "temp" in f else "x"]
+            args = generate.parse_args(argv)
+            assert args.model_path == "x" and args.temperature == 1.0
+            seen += 1
+    assert seen >= 2
+
+
+def test_scienceqa_end_to_end_with_generate(drip10_dir, tmp_path, photos):
+    """convert -> generate in 2 chunks -> merge -> score, as eval/scienceqa.sh does (in-process)."""
+    from drip_llava.eval import scienceqa
+
+    base = tmp_path / "scienceqa"
+    problems = {
+        "11": {"question": "Which animal is shown?", "choices": ["cat", "dog"], "answer": 0, "hint": "",
+               "image": "image.png", "subject": "natural science", "grade": "grade2", "split": "test"},
+        "12": {"question": "What is 2+2?", "choices": ["3", "4"], "answer": 1, "hint": "", "image": None,
+               "subject": "natural science", "grade": "grade2", "split": "test"},
+        "13": {"question": "Which drink?", "choices": ["tea", "coffee", "milk"], "answer": 1, "hint": "A cup.",
+               "image": "image.png", "subject": "social science", "grade": "grade8", "split": "test"},
+    }
+    (base / "images" / "test" / "11").mkdir(parents=True)
+    (base / "images" / "test" / "13").mkdir(parents=True)
+    photos["chelsea"].save(base / "images" / "test" / "11" / "image.png")
+    photos["coffee"].save(base / "images" / "test" / "13" / "image.png")
+    (base / "problems.json").write_text(json.dumps(problems))
+    (base / "pid_splits.json").write_text(json.dumps({"test": ["11", "12", "13"]}))
+    qfile = base / "llava_test_CQM-A.jsonl"
+    assert scienceqa.main(["convert", "--base-dir", str(base), "--split", "test", "--prompt-format", "CQM-A",
+                           "--out", str(qfile)]) == 0
+    merged = base / "merge.jsonl"
+    parts = []
+    for k in range(2):
+        out = base / f"2_{k}.jsonl"
+        generate.main(_args(drip10_dir, base / "images" / "test", qfile, out, "--num-chunks", "2",
+                            "--chunk-idx", str(k)))
+        parts.append(out.read_text())
+    merged.write_text("".join(parts))
+    visual = {str(r["question_id"]): r["metadata"]["visual_tokens"] for r in _read(merged)}
+    assert visual["12"] == 0 and visual["11"] > 0 and visual["13"] > 0
+    result = base / "result.json"
+    assert scienceqa.main(["score", "--base-dir", str(base), "--split", "test", "--result-file", str(merged),
+                           "--output-file", str(base / "out.jsonl"), "--output-result", str(result)]) == 0
+    summary = json.loads(result.read_text())
+    assert 0 <= summary["acc"] <= 100 and len(_read(base / "out.jsonl")) == 3
+
+
+# ---------------------------------------------------------------------------------------------- efficiency
+
+def test_efficiency_reports_fewer_tokens_and_macs_for_drip(vit_dir, drip10_dir, bench, tmp_path, capsys):
+    _, images, _, _ = bench
+    out = tmp_path / "eff.json"
+    vit, drip = efficiency.main(["--model-path", str(vit_dir), "--model-path-b", str(drip10_dir),
+                                 "--images", str(images), "--max-images", "4", "--json", str(out)])
+    assert vit["tower"] == "ViT" and vit["visual_tokens_min"] == vit["visual_tokens_max"] == 64
+    assert drip["tower"] == "DRIP" and drip["compression"] == 10.0
+    assert drip["visual_tokens_max"] < 64 and drip["visual_tokens_mean"] < vit["visual_tokens_mean"] / 3
+    assert drip["vision_gmacs_mean"] < vit["vision_gmacs_mean"]
+    assert drip["prefill_gmacs_mean"] < vit["prefill_gmacs_mean"]
+    assert drip["prompt_tokens_mean"] < vit["prompt_tokens_mean"]
+    for r in (vit, drip):
+        assert r["images"] == 4 and len(r["per_image"]) == 4 and r["ttft_ms_median"] > 0
+        # the prompt is the text plus each image's own visual tokens
+        texts = {x["prompt_tokens"] - x["visual_tokens"] for x in r["per_image"]}
+        assert len(texts) == 1
+    report = json.loads(out.read_text())
+    assert [m["model_path"] for m in report["models"]] == [str(vit_dir), str(drip10_dir)]
+    table = capsys.readouterr().out
+    assert "visual tokens / image (mean)" in table and "B/A" in table and "DRIP 10x" in table
+
+
+def test_prefill_macs_formula_matches_flop_counter(tiny_llm_dir):
+    """The analytic LLM prefill count equals torch's FlopCounterMode on a real forward (math SDPA, last-row
+    logits like generate's prefill)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(tiny_llm_dir)).eval()
+    n = 37
+    ids = torch.randint(0, 1000, (1, n))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, logits_to_keep=1)
+    counted = counter.get_total_flops() / 2
+    assert efficiency.llm_prefill_macs(model.config, n) == pytest.approx(counted, rel=0.01)
+
+
+def test_efficiency_image_sources(tmp_path):
+    items = efficiency.list_images("examples", 2)
+    assert len(items) == 2 and all(hasattr(im, "size") for _, im in items)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        efficiency.list_images(str(tmp_path / "missing"), None)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="no image files"):
+        efficiency.list_images(str(tmp_path), None)
