@@ -157,6 +157,7 @@ def test_main_smoke_stage1_in_process(tiny_llm_dir, tiny_drip_dir, data_dir, tmp
     assert {"mm_projector.safetensors", "config.json", "vision_tower", "visual_token_counts.json"} <= \
         {p.name for p in out.iterdir()}
     assert (out / "checkpoint-2" / "mm_projector.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["conv_mode"] == "plain"  # serving's default template
     proj = load_file(str(out / "mm_projector.safetensors"))
     loaded = load_pretrained_model(str(out), model_base=str(tiny_llm_dir), device="cpu")
     assert loaded.kind == "projector"
@@ -197,7 +198,9 @@ def stage1_runs(tiny_llm_dir, tiny_drip_dir, data_dir, tmp_path_factory):
                str(REPO / "scripts" / "pretrain_projector.py"),
                *base_args(tiny_llm_dir, tiny_drip_dir, data_dir, out),
                "--deepspeed", str(REPO / "scripts" / f"{stage}.json"), "--per_device_train_batch_size", "4",
-               "--learning_rate", "1e-2", "--max_steps", "8", "--save_steps", "4"]
+               "--learning_rate", "1e-2", "--max_steps", "8", "--save_steps", "4",
+               # zero2 keeps the script's 4 loader workers (skip counters in shared memory), zero3 loads in-process
+               *(["--dataloader_num_workers", "0"] if stage == "zero3" else [])]
         run(cmd, ds_env(), out, out / "run.log")
         outs[stage] = out
     return outs
@@ -276,7 +279,7 @@ def test_stage2_lora_zero3_resume_merge_generate(stage1_runs, tiny_llm_dir, tiny
     merged = tmp_path / "merged"
     merge_lora.main(["--model-path", str(full), "--model-base", str(tiny_llm_dir), "--save-model-path", str(merged)])
     loaded = load_pretrained_model(str(merged), device="cpu")
-    assert loaded.kind == "full"
+    assert loaded.kind == "full" and loaded.model.config.conv_mode == "v1"
     m = loaded.model
     # merge = base + scale * B @ A, projector = non_lora_trainables
     base = load_file(str(tiny_llm_dir / "model.safetensors"))

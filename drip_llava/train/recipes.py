@@ -84,13 +84,16 @@ def compute_dtype(training_args) -> torch.dtype:
     return torch.float32
 
 
-def save_model_config(config, out_dir: str) -> None:
+def save_model_config(config, out_dir: str, conv_mode: str | None = None) -> None:
     """The DripLlava config as an inference config: without the training-time quantization (a QLoRA run must not
-    make its readers quantize the base) and with the KV cache on."""
+    make its readers quantize the base), with the KV cache on, and recording the conversation template trained
+    with (`conv_mode`, which serving and eval use by default)."""
     clean = copy.deepcopy(config)
     if hasattr(clean, "quantization_config"):
         del clean.quantization_config
     clean.use_cache = True
+    if conv_mode is not None:
+        clean.conv_mode = conv_mode
     clean.save_pretrained(out_dir)
 
 
@@ -158,7 +161,7 @@ class Recipe:
         state = gathered_state(list(tower.named_parameters()))
         if is_main:
             os.makedirs(out_dir, exist_ok=True)
-            save_model_config(base.config, out_dir)
+            save_model_config(base.config, out_dir, self.model_args.version)
             tower.save_pretrained(os.path.join(out_dir, "vision_tower"), state_dict=state)
 
     def _save_args(self, out_dir: str) -> None:
@@ -206,7 +209,7 @@ class FullRecipe(Recipe):
     def save(self, model, out_dir, is_main, final):
         if is_main:
             os.makedirs(out_dir, exist_ok=True)
-            save_model_config(unwrap(model).config, out_dir)
+            save_model_config(unwrap(model).config, out_dir, self.model_args.version)
             self._save_args(out_dir)
 
 
