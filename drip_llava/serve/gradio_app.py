@@ -102,7 +102,7 @@ class ChatApp:
         if partial is not None:
             msgs.append({"role": "assistant", "content": partial})
         if notice:
-            msgs.append({"role": "assistant", "content": f"⚠️ {notice}"})
+            msgs.append({"role": "assistant", "content": notice})
         return msgs
 
     def _stats_md(self, state: UiState) -> str:
@@ -248,12 +248,12 @@ class ChatApp:
                                                file_types=["image"], file_count="single", sources=["upload"],
                                                show_label=False, stop_btn=True, elem_id="chat_input")
                     with gr.Row():
-                        regen_btn = gr.Button("🔄 Regenerate", elem_id="regenerate")
-                        stop_btn = gr.Button("⏹ Stop", elem_id="stop")
-                        clear_btn = gr.Button("🗑 Clear", elem_id="clear")
+                        regen_btn = gr.Button("Regenerate", elem_id="regenerate")
+                        stop_btn = gr.Button("Stop", elem_id="stop")
+                        clear_btn = gr.Button("Clear", elem_id="clear")
                 with gr.Column(scale=2):
                     overlay = gr.Image(label="DRIP segments (one colour = one visual token)", interactive=False,
-                                       type="filepath", height=320, elem_id="overlay")
+                                       type="filepath", elem_id="overlay")
                     image_md = gr.Markdown("", elem_id="image_info")
                     stats_md = gr.Markdown("No answers yet.", elem_id="answer_stats")
                     with gr.Accordion("Generation", open=False):
