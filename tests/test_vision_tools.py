@@ -8,8 +8,10 @@ from PIL import Image
 
 from drip_llava.vision import DripVisionModel, get_preset_config, list_presets
 from drip_llava.vision import bench, flops, images, visualize
+from drip_llava.vision import config as vcfg
 
 TINY = [p for p in list_presets() if "tiny" in p]
+RULES = getattr(vcfg, "EVAL_BOUNDARIES", ("threshold",))  # eval boundary rules the encoder offers
 
 
 def _model(name, **kw):
@@ -107,8 +109,9 @@ def test_flops_plot(tmp_path):
         assert im.width > 300 and im.height > 200
 
 
-def test_calibrate_hits_target():
-    model = _model("drip-tiny-16-4x")
+@pytest.mark.parametrize("rule", RULES)
+def test_calibrate_hits_target(rule):
+    model = _model("drip-tiny-16-4x", **({"eval_boundaries": rule} if hasattr(vcfg, "EVAL_BOUNDARIES") else {}))
     x = torch.randn(6, 3, 128, 128, generator=torch.Generator().manual_seed(3))
     bench.calibrate_boundary_bias(model, x, "infer")
     with torch.no_grad():

@@ -3,8 +3,9 @@
 Why interleaved: the presets run round-robin (warm-up rounds, then `repeats` timed rounds, median), so a
 slow-down of the machine hits every preset alike and the ratios stay fair.
 Why calibrated: a random-init predictor does not produce the target boundary rate, so by default the
-predictor's last bias is set so the boundary rate on the benchmark batch equals the target (eval: threshold
-count; train: expected Gumbel-Sigmoid rate). The achieved tokens per image are measured and printed.
+predictor's last bias is set so the boundary rate on the benchmark batch equals the target (eval: the
+config's eval rule, threshold or expected count; train: expected Gumbel-Sigmoid rate). The achieved tokens
+per image are measured and printed.
 
 Peak memory: CUDA `max_memory_allocated` (absolute, weights included) on GPU. On CPU the peak RSS growth
 during one step above the RSS just before it: Linux's VmHWM is reset through /proc/self/clear_refs ("5")
@@ -66,23 +67,25 @@ def calibrate_boundary_bias(model, pixel_values: torch.Tensor, mode: str = "infe
                             tokens_short: Optional[float] = None) -> float:
     """Set the predictor's last bias so the batch has `tokens_short` segments per image on average.
 
-    infer: exact count of sigmoid(logit) > threshold (eval boundaries). train: expected count under
-    Gumbel-Sigmoid, P(boundary) = sigmoid(logit - temperature * logit(threshold)), solved by bisection.
-    The last patch is always a boundary, so the other L-1 positions must supply tokens_short - 1 per image.
-    Returns the new bias. A plain ViT (no predictor) is left untouched (returns nan).
+    infer: the eval rule of the config (`eval_boundaries`): "threshold" counts sigmoid(logit) > threshold
+    (solved exactly by sorting); "expected" keeps round(sum sigmoid(logit)) patches per image (bisection).
+    train: expected count under Gumbel-Sigmoid, P(boundary) = sigmoid(logit - temperature * logit(threshold)),
+    solved by bisection. The last patch is always a boundary, so the other L-1 positions must supply
+    tokens_short - 1 per image. Returns the new bias. A plain ViT (no predictor) is left untouched (nan).
     """
     if model.boundary_predictor is None:
         return float("nan")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     c = model.config
-    y = _bias_free_logits(model, pixel_values)[:, :-1]  # the last patch is forced anyway
+    y = _bias_free_logits(model, pixel_values)[:, :-1].double()  # the last patch is forced anyway
     B, Lm1 = y.shape
     S = default_tokens_short(c) if tokens_short is None else tokens_short
     k = max(0, min(B * Lm1, int(round(B * (S - 1)))))  # boundaries wanted on the free positions
     thr_logit = math.log(c.boundary_threshold / (1 - c.boundary_threshold))
-    if mode == "infer":
-        v = torch.sort(y.flatten(), descending=True).values.double()
+    rule = "gumbel" if mode == "train" else getattr(c, "eval_boundaries", "threshold")
+    if rule == "threshold":
+        v = torch.sort(y.flatten(), descending=True).values
         if k == 0:
             cut = float(v[0]) + 1.0
         elif k == v.numel():
@@ -91,12 +94,16 @@ def calibrate_boundary_bias(model, pixel_values: torch.Tensor, mode: str = "infe
             cut = float(v[k - 1] + v[k]) / 2  # boundary iff y + bias > thr_logit iff y > cut
         bias = thr_logit - cut
     else:
-        shift = c.boundary_temperature * thr_logit
-        yd = y.double()
-        lo, hi = -60.0 - float(yd.max()), 60.0 - float(yd.min())
+        if rule == "gumbel":
+            def count(b):
+                return float(torch.sigmoid(y + b - c.boundary_temperature * thr_logit).sum())
+        else:  # "expected": per image round(sum sigmoid(logit)) boundaries
+            def count(b):
+                return float(torch.sigmoid(y + b).sum(dim=1).round().sum())
+        lo, hi = -60.0 - float(y.max()), 60.0 - float(y.min())
         for _ in range(100):
             mid = (lo + hi) / 2
-            if float(torch.sigmoid(yd + mid - shift).sum()) < k:
+            if count(mid) < k:
                 lo = mid
             else:
                 hi = mid
