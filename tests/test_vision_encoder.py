@@ -122,6 +122,26 @@ def test_rate_loss_drives_hard_rate_to_target(kind, weight, preset):
     assert abs(end - target) <= 0.2 * target + 1 / 64, (kind, start, end, target)
 
 
+def test_eval_boundary_count_matches_the_training_expectation():
+    """Logits just below 0 would give ~1 token at eval under a plain threshold; 'expected' keeps the count."""
+    m = DripVisionModel.from_preset("drip-tiny-16-4x").eval()
+    with torch.no_grad():
+        m.boundary_predictor.mlp[2].bias.fill_(-1.2)  # sigmoid ~ 0.23 on average: ~15 of 64 patches
+        x = images(4)
+        logits = m.boundary_predictor(m.forward_features(x, output_hidden_states=True).hidden_states[m.config.n_pre][:, 1:])
+        expected = torch.sigmoid(logits[:, :-1]).sum(1).round() + 1
+        out = m(x)
+        assert torch.equal(out.num_tokens, expected.long())
+        # the kept boundaries are the most probable ones
+        for i in range(4):
+            kept = logits[i, :-1][out.boundaries[i, :-1] == 1]
+            dropped = logits[i, :-1][out.boundaries[i, :-1] == 0]
+            assert kept.min() >= dropped.max()
+        m.config.eval_boundaries = "threshold"
+        thr = m(x)
+        assert torch.equal(thr.boundaries, (torch.sigmoid(logits) > 0.5).float().index_fill(1, torch.tensor([63]), 1))
+
+
 def test_mask_extremes_single_segment_and_every_patch():
     m = DripVisionModel.from_preset("drip-tiny-16-4x").eval()
     x = images(2)

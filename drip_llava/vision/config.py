@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 PRESET_DIR = Path(__file__).parent / "model_configs"
 RATE_LOSSES = ("binomial", "hinge", "squared")
 BOUNDARY_MODES = ("hard", "soft")
+EVAL_BOUNDARIES = ("expected", "threshold")
 POOLS = ("cls", "mean")
 ACTS = ("gelu", "quick_gelu")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -21,6 +22,11 @@ class DripVisionConfig(PretrainedConfig):
 
     `compression == 1` is the plain ViT: no boundary predictor, every patch its own token. Otherwise the
     predictor targets a boundary rate of `1 / compression` (2x, 4x, 10x -> 0.5, 0.25, 0.1).
+
+    `eval_boundaries`: how eval mode decides, without noise. "threshold" is sigmoid(logit) > threshold.
+    "expected" (default) keeps, per image, the k highest-logit patches with k = round(sum sigmoid(logit)),
+    the expected boundary count under the training noise: the rate loss only constrains that expectation,
+    and logits that hover just below 0 would otherwise give ~1 token per image at eval (measured on CLIP).
     """
 
     model_type = "drip_vision"
@@ -40,6 +46,7 @@ class DripVisionConfig(PretrainedConfig):
         boundary_temperature: float = 0.5,
         boundary_threshold: float = 0.5,
         boundary_mode: str = "hard",
+        eval_boundaries: str = "expected",
         rate_loss: str = "squared",
         rate_loss_weight: float = 10.0,
         rate_hinge_margin: float = 0.0,
@@ -59,7 +66,7 @@ class DripVisionConfig(PretrainedConfig):
         if compression > 1 and not 0 < n_pre < depth:
             raise ValueError(f"n_pre must be in 1..depth-1 for DRIP, got n_pre={n_pre}, depth={depth}")
         for name, value, allowed in (("rate_loss", rate_loss, RATE_LOSSES), ("boundary_mode", boundary_mode,
-                                     BOUNDARY_MODES), ("pool", pool, POOLS), ("act", act, ACTS)):
+                                     BOUNDARY_MODES), ("eval_boundaries", eval_boundaries, EVAL_BOUNDARIES), ("pool", pool, POOLS), ("act", act, ACTS)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}; valid: {allowed}")
         if pool == "cls" and not class_token:
@@ -69,6 +76,7 @@ class DripVisionConfig(PretrainedConfig):
         self.embed_dim, self.n_pre, self.compression = embed_dim, n_pre, float(compression)
         self.predictor_ratio = predictor_ratio
         self.boundary_temperature, self.boundary_threshold = boundary_temperature, boundary_threshold
+        self.eval_boundaries = eval_boundaries
         self.boundary_mode, self.rate_loss, self.rate_loss_weight = boundary_mode, rate_loss, rate_loss_weight
         self.rate_hinge_margin = rate_hinge_margin
         self.pool, self.class_token, self.act, self.layer_norm_eps = pool, class_token, act, layer_norm_eps

@@ -93,18 +93,31 @@ class BoundaryPredictor(nn.Module):
 def sample_boundaries(logits: torch.Tensor, config: DripVisionConfig, training: bool):
     """Returns (b, soft): b [B,L] hard 0/1 values (straight-through gradient in training), soft [B,L] or None.
 
-    Training: Gumbel-Sigmoid (RelaxedBernoulli) + hard straight-through. Eval: sigmoid > threshold, no noise,
-    so an image always gets the same tokens. The last patch always closes a segment (>= 1 segment per image).
+    Training: Gumbel-Sigmoid (RelaxedBernoulli) + hard straight-through. Eval: no noise (see
+    `DripVisionConfig.eval_boundaries`), so an image always gets the same tokens. The last patch always closes a segment (>= 1 segment per image).
     """
     if training:
         u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
         soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / config.boundary_temperature)
         hard = (soft > config.boundary_threshold).to(soft.dtype)
-        b = hard - soft.detach() + soft
-    else:
-        soft = None
+        return force_last_boundary(hard - soft.detach() + soft), force_last_boundary(soft)
+    if config.eval_boundaries == "threshold":
         b = (torch.sigmoid(logits) > config.boundary_threshold).to(logits.dtype)
-    return force_last_boundary(b), (force_last_boundary(soft) if soft is not None else None)
+    else:
+        b = expected_count_boundaries(logits)
+    return force_last_boundary(b), None
+
+
+def expected_count_boundaries(logits: torch.Tensor) -> torch.Tensor:
+    """Per image, the k highest-logit patches among the first L-1 (the last is forced later), with k the
+    expected number of boundaries under the training noise, round(sum sigmoid). Deterministic, per image."""
+    head = logits[:, :-1]
+    k = torch.sigmoid(head).sum(dim=1).round()  # [B]
+    order = head.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(head.shape[1], device=head.device).expand_as(order))
+    b = (ranks < k[:, None]).to(logits.dtype)
+    return torch.cat([b, torch.zeros_like(logits[:, -1:])], dim=1)
 
 
 def force_last_boundary(b: torch.Tensor) -> torch.Tensor:
