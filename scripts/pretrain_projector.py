@@ -7,7 +7,8 @@
 
 LLaVA-1.5's stage-1 settings are the defaults here (any flag given on the command line wins): template plain,
 --tune_mm_mlp_adapter, lr 1e-3, weight decay 0, warmup 3%, cosine, 1 epoch, model_max_length 2048, projector
-mlp2x_gelu from block -2, lazy tokenization, gradient checkpointing, 4 loader workers, bf16 where the GPU has it (fp32 on CPU, with use_cpu). Output:
+mlp2x_gelu from block -2, lazy tokenization, gradient checkpointing, 4 loader workers, bf16 where the GPU has
+it (fp32 on CPU, with use_cpu). Output:
 OUT/mm_projector.safetensors + OUT/config.json + OUT/vision_tower/, which load with
 `load_pretrained_model(OUT, model_base=LLM_DIR)` and feed stage 2 via --pretrain_mm_mlp_adapter.
 Also `python scripts/pretrain_projector.py ...` (one process, no DeepSpeed). All flags: --help.

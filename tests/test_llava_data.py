@@ -172,7 +172,8 @@ def make_records(n_img=3, n_txt=2, long_answer_ids=()):
     for i in range(n_img):
         ans = "word " * 200 if f"img{i}" in long_answer_ids else f"Answer {i}."
         recs.append({"id": f"img{i}", "image": f"img{i}.png",
-                     "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": ans}]})
+                     "conversations": [{"from": "human", "value": "<image>\nDescribe."},
+                                       {"from": "gpt", "value": ans}]})
     for i in range(n_txt):
         recs.append({"id": f"txt{i}", "conversations": [{"from": "human", "value": f"Say {i}."},
                                                         {"from": "gpt", "value": f"Text {i}."}]})

@@ -78,6 +78,26 @@ def test_llava_flags_parse_and_pick_recipes(tiny_llm_dir, tiny_drip_dir, data_di
         parse_args(common + ["--data_path", str(tmp_path / "nope.json")])
 
 
+def test_stage1_projector_from_another_tower_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from drip_llava.train.recipes import check_stage1_tower
+    from drip_llava.vision import get_preset_config
+
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    (stage1 / "mm_projector.safetensors").write_bytes(b"")
+    (stage1 / "config.json").write_text(json.dumps({
+        "vision_config": get_preset_config("drip-tiny-16-4x").to_dict(), "mm_vision_select_layer": -2}))
+    same = SimpleNamespace(vision_config=get_preset_config("drip-tiny-16-4x").to_dict(), mm_vision_select_layer=-2)
+    check_stage1_tower(same, str(stage1 / "mm_projector.safetensors"))
+    other = SimpleNamespace(vision_config=get_preset_config("drip-tiny-16-10x").to_dict(), mm_vision_select_layer=-2)
+    with pytest.raises(ValueError, match=r"another vision tower.*'compression': \(4\.0, 10\.0\)"):
+        check_stage1_tower(other, str(stage1))
+    with pytest.raises(ValueError, match="mm_vision_select_layer"):
+        check_stage1_tower(SimpleNamespace(vision_config=same.vision_config, mm_vision_select_layer=-1), str(stage1))
+
+
 def make_trainer(tiny_llm_dir, tiny_drip_dir, data_dir, out, extra):
     from drip_llava.data import DataCollatorForSupervisedDataset, ImageLoader, LazySupervisedDataset
     from drip_llava.train.params import parse_args, resolve_recipe
@@ -251,8 +271,10 @@ def test_stage2_lora_zero3_resume_merge_generate(stage1_runs, tiny_llm_dir, tiny
 
     adapter = stage1_runs["zero3"] / "mm_projector.safetensors"
     full = tmp_path / "lora_full"
+    # no LoRA dropout: the resumed losses must then match to float precision (weights, Adam state, LR schedule
+    # and data position all restored), independent of how exactly the RNG streams are restored
     finetune(full, free_port(), tiny_llm_dir, tiny_drip_dir, data_dir, adapter, tmp_path / "full.log",
-             MAX_STEPS=8, SAVE_STEPS=4, SAVE_TOTAL_LIMIT=2)
+             MAX_STEPS=8, SAVE_STEPS=4, SAVE_TOTAL_LIMIT=2, LORA_DROPOUT=0)
     for d in (full, full / "checkpoint-4", full / "checkpoint-8"):
         names = {p.name for p in d.iterdir()}
         assert {"adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors",
@@ -266,12 +288,12 @@ def test_stage2_lora_zero3_resume_merge_generate(stage1_runs, tiny_llm_dir, tiny
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
     finetune(resumed, free_port(), tiny_llm_dir, tiny_drip_dir, data_dir, adapter, tmp_path / "resume.log",
-             MAX_STEPS=8, SAVE_STEPS=4, SAVE_TOTAL_LIMIT=2)
+             MAX_STEPS=8, SAVE_STEPS=4, SAVE_TOTAL_LIMIT=2, LORA_DROPOUT=0)
     assert "resuming from" in (tmp_path / "resume.log").read_text()
     relogs = {r["step"]: r["loss"] for r in read_metrics(resumed) if "loss" in r}
     assert sorted(relogs) == [5, 6, 7, 8]
     for s in relogs:
-        assert abs(relogs[s] - logs[s]) < 1e-3, (s, relogs[s], logs[s])
+        assert abs(relogs[s] - logs[s]) < 1e-4, (s, relogs[s], logs[s])
 
     # an intermediate checkpoint loads on its own (files decide, not the folder name)
     assert load_pretrained_model(str(full / "checkpoint-4"), model_base=str(tiny_llm_dir), device="cpu").kind == "lora"

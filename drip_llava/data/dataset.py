@@ -144,7 +144,7 @@ class LazySupervisedDataset(Dataset):
         self.budget = budget or VisualTokenBudget(max_tokens=0, estimate=0)
         self.skip_bad_samples = skip_bad_samples
         self.skips = SkipCounter()
-        if any("image" in r for r in self.records) and image_loader is None:
+        if any(r.get("image") is not None for r in self.records) and image_loader is None:
             raise ValueError("the data has image samples but no image loader (vision tower) was given")
         self.index = np.arange(len(self.records))
         self._tokens: Optional[list] = None
@@ -165,8 +165,7 @@ class LazySupervisedDataset(Dataset):
         return len(self.index)
 
     def sample_id(self, i: int):
-        r = self.records[int(self.index[i])] if self._tokens is not None else self.records[i]
-        return r.get("id", i)
+        return self.records[int(self.index[i])].get("id", i)
 
     # ---- text ----------------------------------------------------------------------------------------
     def _tokenize(self, rec_idx: int):
@@ -174,7 +173,7 @@ class LazySupervisedDataset(Dataset):
         data or the template, not noise to skip)."""
         rec = self.records[rec_idx]
         sid = rec.get("id", rec_idx)
-        has_image = "image" in rec and rec["image"] is not None
+        has_image = rec.get("image") is not None
         msgs = place_image(normalize_messages(rec["conversations"], sid), has_image, sid)
         rendered = self.template.render(msgs, self.tokenizer, sample_id=sid)
         ids, labels = tokenize_conversation(rendered, self.tokenizer, self.template.add_bos, sample_id=sid)
@@ -221,7 +220,8 @@ class LazySupervisedDataset(Dataset):
             try:
                 image = self.image_loader(rec["image"])
             except (OSError, ValueError, SyntaxError) as e:  # missing, truncated or undecodable files
-                msg = f"sample {rec.get('id', rec_idx)!r}: cannot read image {self.image_loader.path(rec['image'])}: {e}"
+                path = self.image_loader.path(rec["image"])
+                msg = f"sample {rec.get('id', rec_idx)!r}: cannot read image {path}: {e}"
                 if not self.skip_bad_samples:
                     raise BadSampleError(msg) from e
                 logger.warning("skipping %s", msg)

@@ -13,6 +13,7 @@ first with deepspeed.zero.GatheredParameters, on every rank (it is a collective)
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
@@ -97,6 +98,30 @@ def save_model_config(config, out_dir: str, conv_mode: str | None = None) -> Non
     clean.save_pretrained(out_dir)
 
 
+TOWER_KEYS = ("image_size", "patch_size", "hidden_size", "depth", "n_pre", "compression", "boundary_threshold")
+
+
+def check_stage1_tower(config, adapter: str) -> None:
+    """A stage-1 projector was aligned to one tower's tokens: refuse another tower architecture or feature block
+    (same width but e.g. another compression would silently mis-align; LLaVA only caught width changes)."""
+    folder = adapter if os.path.isdir(adapter) else os.path.dirname(os.path.abspath(adapter))
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return  # a bare projector file (e.g. LLaVA's mm_projector.bin): only the widths were checked
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    if not saved.get("vision_config"):
+        return
+    now = config.vision_config or {}
+    diff = {k: (saved["vision_config"].get(k), now.get(k)) for k in TOWER_KEYS
+            if saved["vision_config"].get(k) != now.get(k)}
+    if saved.get("mm_vision_select_layer", config.mm_vision_select_layer) != config.mm_vision_select_layer:
+        diff["mm_vision_select_layer"] = (saved["mm_vision_select_layer"], config.mm_vision_select_layer)
+    if diff:
+        raise ValueError(f"--pretrain_mm_mlp_adapter {adapter} was trained with another vision tower "
+                         f"(field: (stage 1, now)): {diff}; use that tower or retrain stage 1")
+
+
 class Recipe:
     """Base: load the LLM into DripLlavaForCausalLM and attach/restore the vision modules."""
 
@@ -124,6 +149,8 @@ class Recipe:
                              "folder or preset)")
         elif m.pretrain_mm_mlp_adapter:
             model.load_mm_projector(m.pretrain_mm_mlp_adapter)
+        if m.pretrain_mm_mlp_adapter:
+            check_stage1_tower(model.config, m.pretrain_mm_mlp_adapter)
         return model
 
     def configure(self, model: DripLlavaForCausalLM) -> nn.Module:
@@ -196,6 +223,14 @@ class Stage1Recipe(Recipe):
 @register_recipe("full")
 class FullRecipe(Recipe):
     """LLM + projector trained (tower frozen); --freeze_backbone keeps the LLM frozen."""
+
+    def from_pretrained_kwargs(self):
+        """Trained weights stay fp32 under autocast without DeepSpeed (fp16/bf16 weights updated by AdamW lose
+        small updates; fp16 ones fail GradScaler's unscale); DeepSpeed keeps its own fp32 master copy."""
+        kw = super().from_pretrained_kwargs()
+        if not self.args.deepspeed and not self.model_args.freeze_backbone:
+            kw["dtype"] = torch.float32
+        return kw
 
     def configure(self, model):
         model.requires_grad_(not self.model_args.freeze_backbone)

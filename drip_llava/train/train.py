@@ -90,9 +90,10 @@ def visual_token_counts(tower, loader: ImageLoader, records: list, data_args, tr
         if device is not None:
             tower.to(device)
         with gathered(params):
-            return compute_image_token_counts(tower, images, loader, batch_size=max(training_args.per_device_train_batch_size, 8),
-                                              rank=training_args.process_index, world_size=training_args.world_size,
-                                              device=device or torch.device("cpu"))
+            return compute_image_token_counts(
+                tower, images, loader, batch_size=max(training_args.per_device_train_batch_size, 8),
+                rank=training_args.process_index, world_size=training_args.world_size,
+                device=device or torch.device("cpu"))
 
     counts = load_or_compute_counts(cache, fp, compute, is_main=training_args.should_save)
     if counts:
@@ -137,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, recipe=recipe,
         data_collator=DataCollatorForSupervisedDataset(pad_token_id=tokenizer.pad_token_id),
         callbacks=[MetricsJsonlCallback(os.path.join(training_args.output_dir, training_args.metrics_file)),
-                   RecipeCheckpointCallback(recipe, model_args)])
+                   RecipeCheckpointCallback(recipe)])
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume:
         logger.info("resuming from %s", resume)

@@ -13,6 +13,7 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from ..constants import IGNORE_INDEX
 from ..model.vision_tower import DripVisionTower
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class DripLlavaTrainer(Trainer):
         if mask is not None:
             self._tokens[0] += float(mask.sum())
         if labels is not None:
-            self._tokens[1] += float((labels[:, 1:] != -100).sum())
+            self._tokens[1] += float((labels[:, 1:] != IGNORE_INDEX).sum())
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
@@ -163,8 +164,8 @@ class RecipeCheckpointCallback(TrainerCallback):
     files there (mm_projector.safetensors / adapter + non_lora_trainables + config), so every checkpoint loads
     with load_pretrained_model and resumes. Runs on every rank: ZeRO-3 gathering is collective."""
 
-    def __init__(self, recipe, model_args):
-        self.recipe, self.model_args = recipe, model_args
+    def __init__(self, recipe):
+        self.recipe = recipe
 
     def on_save(self, args, state, control, model=None, **kwargs):
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
