@@ -68,7 +68,8 @@ def test_webdataset_shards_decode(data, records):
         seen = []
         for s in ds:
             assert isinstance(s["jpg"], Image.Image) and s["jpg"].size == (128, 128)
-            assert isinstance(s["txt"], str) and len(s["txt"]) > 20
+            assert s["txt"] == s["json"]["alt_text"]
+            assert s["txt"].split(" with ")[0].endswith(s["json"]["classname"])  # the class leads the alt text
             assert s["cls"] == s["json"]["label"] == sw.CLASSNAMES.index(s["json"]["classname"])
             assert s["json"] == records[split][s["__key__"]]
             seen.append(s["__key__"])
@@ -138,6 +139,8 @@ def test_captions_mention_every_object(records):
             assert f"{o['colour']} {o['shape']}" in cap
             assert any(p in cap for p in sq.POS_PHRASES[o["position"]]), (cap, o["position"])
     assert len({r["caption"].split(" ")[0] for r in records["train"].values()}) >= 4  # varied phrasing
+    for rec in records["train"].values():  # alt text (the CLIP shards' txt): every object, no background
+        assert all(f"{o['colour']} {o['shape']}" in rec["alt_text"] for o in rec["objects"])
 
 
 def test_llava_json(data, records):

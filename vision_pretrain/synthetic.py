@@ -267,12 +267,13 @@ def render_scene(scene: dict, image_size: int = 128, supersample: int = 2) -> Im
 
 def make_sample(seed: int, split: str, index: int, image_size: int = 128) -> tuple[dict, Image.Image]:
     """The record (scene + key, caption, cls) and image of one sample; same inputs -> same output."""
-    from vision_pretrain.synthetic_questions import caption
+    from vision_pretrain.synthetic_questions import alt_text, caption
 
     rng = item_rng(seed, split, index)
     scene = sample_scene(rng, cls=balanced_class(seed, split, index))
     rec = {"key": f"{index:06d}", "split": split, "index": index, "image_size": image_size, **scene}
     rec["caption"] = caption(scene, rng)
+    rec["alt_text"] = alt_text(scene, rng)
     return rec, render_scene(scene, image_size)
 
 
@@ -302,7 +303,7 @@ def _write_shard(task: dict) -> list[dict]:
             _tar_add(tar, f"{key}.cls", str(rec["label"]).encode())
             _tar_add(tar, f"{key}.jpg", jpg)
             _tar_add(tar, f"{key}.json", _json_bytes(rec))
-            _tar_add(tar, f"{key}.txt", rec["caption"].encode())
+            _tar_add(tar, f"{key}.txt", rec["alt_text"].encode())
             (out / "imagefolder" / split / rec["classname"] / f"{key}.jpg").write_bytes(jpg)
             if split == "val" and index < task["n_sqa_image"]:
                 pdir = out / "scienceqa" / "images" / "test" / sqa_pid(index)
