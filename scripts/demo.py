@@ -47,7 +47,7 @@ class Budget:
 FULL = Budget(n_train=8000, n_val=800, clip_steps=150, clip_batch=32, clip_lr=5e-4, stage1_steps=60,
               stage2_steps=100, llava_batch=4, stage1_lr=1e-3, stage2_lr=5e-4, lora_r=16, n_eval=200, n_exact=100)
 QUICK = Budget(n_train=2400, n_val=400, clip_steps=100, clip_batch=16, clip_lr=5e-4, stage1_steps=15,
-               stage2_steps=30, llava_batch=4, stage1_lr=1e-3, stage2_lr=5e-4, lora_r=16, n_eval=60, n_exact=30)
+               stage2_steps=20, llava_batch=4, stage1_lr=1e-3, stage2_lr=5e-4, lora_r=16, n_eval=60, n_exact=30)
 CLIP_MODELS = ("vit-tiny-16", "drip-tiny-16-4x", "drip-tiny-16-10x")
 LLAVA_TOWER = "drip-tiny-16-4x"
 
