@@ -16,17 +16,18 @@ PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "camera"]
 
 def _build(out, llm_dir, preset, calibrate_on=None):
     """A full drip-llava checkpoint with a random `preset` tower; a DRIP predictor is calibrated to its target
-    rate on `calibrate_on` (a random predictor fires on about half the patches whatever its compression)."""
+    rate on `calibrate_on` under its eval rule (a random predictor keeps about half the patches whatever its
+    compression)."""
     from transformers import AutoTokenizer
 
     from drip_llava.model import DripLlavaForCausalLM
-    from drip_llava.model.prefill_bench import calibrate_boundary_rate
     from drip_llava.vision import DripVisionModel
+    from drip_llava.vision.bench import calibrate_boundary_bias
 
     torch.manual_seed(0)
     drip = DripVisionModel.from_preset(preset).eval()
     if calibrate_on is not None and drip.config.is_drip:
-        calibrate_boundary_rate(drip, torch.stack([drip.preprocess(im) for im in calibrate_on]))
+        calibrate_boundary_bias(drip, torch.stack([drip.preprocess(im) for im in calibrate_on]), mode="infer")
     model = DripLlavaForCausalLM.from_pretrained(str(llm_dir))
     model.initialize_vision_modules(drip, "mlp2x_gelu", select_layer=-2)
     model.save_pretrained(out)

@@ -53,6 +53,8 @@ class ClipModelArgs:
     init_vision: Optional[str] = _f(None, "start the image tower from a DripVisionModel folder or "
                                           "open_clip:NAME:TAG (loaded from the local cache)")
     text_model: str = _f("tiny", "text tower config: vision_pretrain/text_configs.json or an open_clip model name")
+    text_override: list = _f([], "override text config fields, KEY=VALUE (JSON value), e.g. context_length=64",
+                             nargs="*")
     local_loss: bool = _f(False, "ClipLoss local_loss (each rank's logits against all gathered features)")
     gather_with_grad: bool = _f(False, "ClipLoss gather_with_grad (full gradient through the all_gather)")
 
