@@ -25,8 +25,8 @@ from drip_llava.vision import DripVisionModel
 from .checkpoint import export_atomic
 from .clip import build_vision, gmacs
 from .data import ImageFolderData, build_transform, folder_eval_loader, folder_train_loader, steps_per_epoch_folder
-from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
-from .loop import Task, fit
+from .distributed import DistInfo, cleanup, init_distributed
+from .loop import Task, evaluate_topk, fit
 from .params import ClassifyArgs, ClassifyDataArgs, ClassifyModelArgs, TrainArgs, parse_grouped, parse_overrides, to_dict
 
 
@@ -79,28 +79,18 @@ def build_tower(m: ClassifyModelArgs) -> DripVisionModel:
     return build_vision(m.model, resolve_init(m.init), parse_overrides(m.vision_override))
 
 
-@torch.no_grad()
 def evaluate(model: Classifier, ds: ImageFolderData, batch_size: int, info: DistInfo, workers: int = 0) -> dict:
     was_training = model.training
     model.eval()
-    k = min(5, model.head.out_features)
-    totals = torch.zeros(5, dtype=torch.float64)  # top1, top5, images, tokens, skipped
-    for batch in folder_eval_loader(ds, batch_size, rank=info.rank, world_size=info.world_size, workers=workers):
-        totals[4] += batch["skips"]["corrupt_image"]
-        if batch["images"] is None:
-            continue
-        logits, out = model(batch["images"].to(info.device))
-        labels = batch["labels"].to(info.device)
-        topk = logits.topk(k, dim=-1).indices
-        totals[0] += (topk[:, 0] == labels).sum().item()
-        totals[1] += (topk == labels[:, None]).any(-1).sum().item()
-        totals[2] += labels.numel()
-        totals[3] += out.num_tokens.sum().item()
-    totals = all_reduce_sum(totals.to(info.device), info).cpu()
+
+    def predict(images):
+        logits, out = model(images)
+        return logits, out.num_tokens
+
+    loader = folder_eval_loader(ds, batch_size, rank=info.rank, world_size=info.world_size, workers=workers)
+    res = evaluate_topk(predict, loader, model.head.out_features, info, prefix="val")
     model.train(was_training)
-    n = max(1.0, float(totals[2]))
-    return {"val_top1": float(totals[0]) / n, "val_top5": float(totals[1]) / n, "val_images": int(totals[2]),
-            "val_tokens_per_img": float(totals[3]) / n, "val_skipped": int(totals[4])}
+    return res
 
 
 def main(argv=None) -> dict:

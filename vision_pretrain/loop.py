@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .data import SKIP_KINDS
-from .distributed import DistInfo, all_gather_fixed
+from .distributed import DistInfo, all_gather_fixed, all_reduce_sum
 from .params import TrainArgs
 from .runlog import JsonlLogger, peak_memory_mb, reset_peak_memory
 
@@ -225,3 +225,28 @@ def step_record(metrics: dict, loss: torch.Tensor, info: DistInfo, state: LoopSt
     skips = sum(gather_counters(state.skips, info), Counter())
     rec["skips"] = dict(skips)
     return rec
+
+
+@torch.no_grad()
+def evaluate_topk(predict: Callable, loader: Iterable, num_classes: int, info: DistInfo, prefix: str,
+                  progress: bool = False) -> dict:
+    """Top-1/top-5 and mean tokens per image over an ImageFolder loader; collective when distributed (each
+    rank scores its share, counts are summed). `predict(images) -> (logits [B,C], num_tokens [B])`."""
+    k = min(5, num_classes)
+    totals = torch.zeros(5, dtype=torch.float64)  # top1, top5, images, tokens, skipped
+    for batch in tqdm(loader, desc=prefix, disable=not (progress and info.is_main), dynamic_ncols=True):
+        totals[4] += batch["skips"]["corrupt_image"]
+        if batch["images"] is None:
+            continue
+        logits, num_tokens = predict(batch["images"].to(info.device))
+        labels = batch["labels"].to(info.device)
+        topk = logits.topk(k, dim=-1).indices
+        totals[0] += (topk[:, 0] == labels).sum().item()
+        totals[1] += (topk == labels[:, None]).any(-1).sum().item()
+        totals[2] += labels.numel()
+        totals[3] += num_tokens.sum().item()
+    totals = all_reduce_sum(totals.to(info.device), info).cpu()
+    n = max(1.0, float(totals[2]))
+    return {f"{prefix}_top1": float(totals[0]) / n, f"{prefix}_top5": float(totals[1]) / n,
+            f"{prefix}_images": int(totals[2]), f"{prefix}_tokens_per_img": float(totals[3]) / n,
+            f"{prefix}_skipped": int(totals[4])}

@@ -14,11 +14,11 @@ from typing import Optional, Sequence
 
 import open_clip
 import torch
-from tqdm import tqdm
 
 from .clip_model import DripCLIP, build_tokenizer, resolve_towers
 from .data import ImageFolderData, folder_eval_loader, load_classnames
-from .distributed import DistInfo, all_reduce_sum, pick_device
+from .loop import evaluate_topk
+from .distributed import DistInfo, pick_device
 
 # The synthetic captions read "A picture of a large red circle ...", "There is ...", "An image showing ..."
 SHORT_TEMPLATES = ("a picture of a {}.", "there is a {}.", "an image showing a {}.", "a {}.")
@@ -43,29 +43,15 @@ def evaluate(model: DripCLIP, tokenizer, data_dir: str, classnames_spec: Optiona
     classnames = load_classnames(classnames_spec, ds.classes)
     weights = open_clip.build_zero_shot_classifier(model, tokenizer, classnames, pick_templates(templates, classnames),
                                                    num_classes_per_batch=10, device=info.device)  # [E, C]
-    k = min(5, len(classnames))
-    # top1, top5, images, tokens, skipped
-    totals = torch.zeros(5, dtype=torch.float64)
+
+    def predict(images):
+        out = model.visual(images)
+        return torch.nn.functional.normalize(out.pooled.float(), dim=-1) @ weights.float(), out.num_tokens
+
     loader = folder_eval_loader(ds, batch_size, rank=info.rank, world_size=info.world_size, workers=workers)
-    for batch in tqdm(loader, desc="zero-shot", disable=not (show_progress and info.is_main), dynamic_ncols=True):
-        totals[4] += batch["skips"]["corrupt_image"]
-        if batch["images"] is None:
-            continue
-        out = model.visual(batch["images"].to(info.device))
-        feats = torch.nn.functional.normalize(out.pooled.float(), dim=-1)
-        logits = feats @ weights.float()
-        labels = batch["labels"].to(info.device)
-        topk = logits.topk(k, dim=-1).indices
-        totals[0] += (topk[:, 0] == labels).sum().item()
-        totals[1] += (topk == labels[:, None]).any(-1).sum().item()
-        totals[2] += labels.numel()
-        totals[3] += out.num_tokens.sum().item()
-    totals = all_reduce_sum(totals.to(info.device), info).cpu()
+    res = evaluate_topk(predict, loader, len(classnames), info, prefix="zeroshot", progress=show_progress)
     model.train(was_training)
-    n = max(1.0, float(totals[2]))
-    return {"zeroshot_top1": float(totals[0]) / n, "zeroshot_top5": float(totals[1]) / n,
-            "zeroshot_images": int(totals[2]), "zeroshot_tokens_per_img": float(totals[3]) / n,
-            "zeroshot_skipped": int(totals[4]), "num_classes": len(classnames)}
+    return {**res, "num_classes": len(classnames)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
