@@ -40,24 +40,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@torch.no_grad()
-def calibrate_boundary_rate(drip, pixel_values: torch.Tensor) -> None:
-    """Shift the (random) predictor's output bias so that a fraction 1/compression of the patches of these
-    images are boundaries: token counts then reflect the preset's compression, as after training."""
-    if drip.boundary_predictor is None:
-        return
-    captured = []
-    handle = drip.boundary_predictor.register_forward_hook(lambda m, i, o: captured.append(o.detach().float()))
-    try:
-        drip.eval().forward_features(pixel_values)
-    finally:
-        handle.remove()
-    logits = captured[0].flatten()
-    cut = torch.quantile(logits, 1.0 - drip.config.target_rate)
-    threshold_logit = torch.logit(torch.tensor(drip.config.boundary_threshold))
-    drip.boundary_predictor.mlp[-1].bias.sub_(cut - threshold_logit)
-
-
 def _median_time(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -76,6 +58,7 @@ def run(args) -> list[dict]:
     from drip_llava.model.embedded_llm import prepare_embedded_llm
     from drip_llava.model.llava_llama import DripLlavaForCausalLM
     from drip_llava.model.vision_tower import load_drip_model
+    from drip_llava.vision.bench import calibrate_boundary_bias
     from drip_llava.vision.images import load_image
 
     if args.threads:
@@ -100,7 +83,7 @@ def run(args) -> list[dict]:
         pixels = torch.stack([tower.image_processor(im) for im in pil]).to(device)
         calibrated = not Path(spec).is_dir() and not args.no_calibrate and drip.boundary_predictor is not None
         if calibrated:
-            calibrate_boundary_rate(drip, pixels.to(tower.dtype))
+            calibrate_boundary_bias(drip, pixels.to(tower.dtype), mode="infer")
         counts = [t.shape[0] for t in model.encode_images(pixels)]
         tower_s, prefill_s = [], []
         for i in range(len(pil)):
