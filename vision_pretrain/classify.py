@@ -25,8 +25,8 @@ from drip_llava.vision import DripVisionModel
 from .checkpoint import export_atomic
 from .clip import build_vision, gmacs
 from .data import ImageFolderData, build_transform, folder_eval_loader, folder_train_loader, steps_per_epoch_folder
-from .distributed import DistInfo, cleanup, init_distributed
-from .loop import Task, evaluate_topk, fit
+from .distributed import DistInfo, cleanup
+from .loop import Task, evaluate_topk, fit, start_run
 from .params import ClassifyArgs, ClassifyDataArgs, ClassifyModelArgs, TrainArgs, parse_grouped, parse_overrides, to_dict
 
 
@@ -96,11 +96,7 @@ def evaluate(model: Classifier, ds: ImageFolderData, batch_size: int, info: Dist
 def main(argv=None) -> dict:
     args = parse_args(argv)
     m, d, t = args.model, args.data, args.train
-    info = init_distributed(t.device)
-    run = Path(t.output)
-    if info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "args.json").write_text(json.dumps(to_dict(args), indent=2))
+    info, run = start_run(args, t)
 
     torch.manual_seed(t.seed)
     tower = build_tower(m)

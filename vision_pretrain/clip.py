@@ -13,9 +13,7 @@ vision_tower/ (DripVisionModel folder: what LLaVA and classify load), text_tower
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import open_clip
 import torch
@@ -27,8 +25,8 @@ from . import zeroshot
 from .checkpoint import export_atomic
 from .clip_model import DripCLIP, build_tokenizer, get_text_config
 from .data import clip_loader, count_samples, expand_urls
-from .distributed import broadcast_object, cleanup, init_distributed
-from .loop import Task, fit
+from .distributed import broadcast_object, cleanup
+from .loop import Task, fit, start_run
 from .params import ClipArgs, ClipDataArgs, ClipModelArgs, TrainArgs, parse_grouped, parse_overrides, to_dict
 
 LOGIT_SCALE_MAX = math.log(100)
@@ -59,11 +57,7 @@ def gmacs(config, tokens_per_img: float | None) -> float | None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     m, d, t = args.model, args.data, args.train
-    info = init_distributed(t.device)
-    run = Path(t.output)
-    if info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "args.json").write_text(json.dumps(to_dict(args), indent=2))
+    info, run = start_run(args, t)
 
     torch.manual_seed(t.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     visual = build_vision(m.model, m.init_vision, parse_overrides(m.vision_override))

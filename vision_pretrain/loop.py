@@ -11,6 +11,7 @@ the (k mod steps_per_epoch)-th batch of epoch k // steps_per_epoch.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections import Counter
@@ -24,8 +25,8 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .data import SKIP_KINDS
-from .distributed import DistInfo, all_gather_fixed, all_reduce_sum
-from .params import TrainArgs
+from .distributed import DistInfo, all_gather_fixed, all_reduce_sum, init_distributed
+from .params import TrainArgs, to_dict
 from .runlog import JsonlLogger, peak_memory_mb, reset_peak_memory
 
 
@@ -250,3 +251,13 @@ def evaluate_topk(predict: Callable, loader: Iterable, num_classes: int, info: D
     return {f"{prefix}_top1": float(totals[0]) / n, f"{prefix}_top5": float(totals[1]) / n,
             f"{prefix}_images": int(totals[2]), f"{prefix}_tokens_per_img": float(totals[3]) / n,
             f"{prefix}_skipped": int(totals[4])}
+
+
+def start_run(args, targs: TrainArgs) -> tuple[DistInfo, Path]:
+    """Joins the process group (if any) and creates the run folder with the resolved args (rank 0)."""
+    info = init_distributed(targs.device)
+    run = Path(targs.output)
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "args.json").write_text(json.dumps(to_dict(args), indent=2))
+    return info, run
