@@ -183,6 +183,13 @@ class ClipShardStream(IterableDataset):
                 yield out
 
 
+def _loader_generator() -> torch.Generator:
+    """A private generator for a DataLoader's base seed. Without one, every `iter(loader)` draws from the global
+    torch RNG, so a run resumed mid-epoch (which builds its loader after restoring the RNG, not before saving it)
+    would get different Gumbel noise from the uninterrupted run. Our streams seed themselves explicitly."""
+    return torch.Generator().manual_seed(0)
+
+
 def clip_loader(urls, batch_size, transform, tokenizer, *, seed, epoch, rank, world_size, workers,
                 skip_batches=0, shuffle_buffer=1000) -> DataLoader:
     # more workers than shards would only make workers read every n-th sample of the same shards
@@ -190,7 +197,7 @@ def clip_loader(urls, batch_size, transform, tokenizer, *, seed, epoch, rank, wo
                          world_size=world_size, num_workers=workers, skip_batches=skip_batches,
                          shuffle_buffer=shuffle_buffer)
     return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False,
-                      prefetch_factor=2 if workers > 0 else None)
+                      prefetch_factor=2 if workers > 0 else None, generator=_loader_generator())
 
 
 # ---- ImageFolder --------------------------------------------------------------------------------------------
@@ -287,13 +294,14 @@ def folder_train_loader(ds: ImageFolderData, batch_size: int, *, seed, epoch, ra
     sampler = EpochSampler(len(ds), batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                            skip_batches=skip_batches)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=collate_skipping, drop_last=False)
+                      collate_fn=collate_skipping, drop_last=False, generator=_loader_generator())
 
 
 def folder_eval_loader(ds: ImageFolderData, batch_size: int, *, rank: int, world_size: int, workers: int) -> DataLoader:
     """Every image exactly once over all ranks (no padding duplicates); results are summed across ranks."""
     subset = torch.utils.data.Subset(ds, list(range(rank, len(ds), world_size)))
-    return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_skipping)
+    return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_skipping,
+                      generator=_loader_generator())
 
 
 def load_classnames(spec: str | Path | None, folder_classes: Sequence[str]) -> list[str]:
