@@ -112,6 +112,8 @@ class Demo:
         return str(self.data / f"{split}-{{000000..{n - 1:06d}}}.tar")
 
     def clip(self):
+        from vision_pretrain.runlog import summarize_clip_run
+
         b = self.b
         for preset in CLIP_MODELS:
             run = self.out / "clip" / preset
@@ -122,7 +124,7 @@ class Demo:
                 "--warmup", max(5, b.clip_steps // 10), "--output", run, "--resume", "auto",
                 "--save-every", max(10, b.clip_steps // 3), "--log-every", "5",
                 "--zeroshot-dir", self.data / "imagefolder" / "val", "--classnames", self.data / "classnames.json"])
-            self.results.setdefault("clip", {})[preset] = summarize_clip_log(run / "log.jsonl")
+            self.results.setdefault("clip", {})[preset] = summarize_clip_run(run)
             self.save()
 
     def sample_images(self, n: int) -> list[str]:
@@ -216,21 +218,6 @@ class Demo:
         from demo_report import write_report  # scripts/ is on sys.path when this file runs
 
         write_report(self.out, self.results, asdict(self.b), self.quick)
-
-
-def summarize_clip_log(path: Path) -> dict:
-    recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-    steps = [r for r in recs if r.get("event") == "step"]
-    epochs = [r for r in recs if r.get("event") == "epoch"]
-    last = epochs[-1] if epochs else {}
-    tail = steps[-max(1, len(steps) // 4):]
-    return {
-        "steps": [{k: r.get(k) for k in ("step", "loss", "boundary_rate", "tokens_per_img", "step_time")} for r in steps],
-        "zeroshot_top1": last.get("zeroshot_top1"), "zeroshot_top5": last.get("zeroshot_top5"),
-        "eval_tokens_per_img": last.get("zeroshot_tokens_per_img"), "gmacs": last.get("gmacs"),
-        "avg_step_time": last.get("avg_step_time"),
-        "train_boundary_rate": sum(r["boundary_rate"] for r in tail) / len(tail) if tail else None,
-    }
 
 
 def summarize_hf_log(out: Path) -> dict:

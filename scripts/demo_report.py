@@ -16,13 +16,21 @@ def _fmt(x, nd=1):
     return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
 
-def plot_curves(results: dict, path: Path):
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+def _pct(fraction):
+    return None if fraction is None else 100 * fraction
+
+
+def _clip_losses(ax, results: dict):
     for name, r in results.get("clip", {}).items():
         st = [s for s in r["steps"] if s.get("loss") is not None]
-        axes[0].plot([s["step"] for s in st], [s["loss"] for s in st], label=name)
-    axes[0].set(title="CLIP pretraining loss", xlabel="step", ylabel="loss")
-    axes[0].legend()
+        ax.plot([s["step"] for s in st], [s["loss"] for s in st], label=name)
+    ax.set(title="CLIP pretraining loss", xlabel="step", ylabel="loss")
+    ax.legend()
+
+
+def plot_curves(results: dict, path: Path):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    _clip_losses(axes[0], results)
     for ax, stage, title in ((axes[1], "stage1", "LLaVA stage 1 (projector)"),
                              (axes[2], "stage2", "LLaVA stage 2 (LoRA)")):
         losses = results.get(stage, {}).get("losses", [])
@@ -33,16 +41,30 @@ def plot_curves(results: dict, path: Path):
     plt.close(fig)
 
 
-def plot_top1_vs_macs(results: dict, path: Path):
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+def _top1_vs_macs(ax, results: dict):
     for name, r in results.get("clip", {}).items():
         if r.get("gmacs") is not None and r.get("zeroshot_top1") is not None:
-            ax.scatter(r["gmacs"], r["zeroshot_top1"], s=60)
-            ax.annotate(name, (r["gmacs"], r["zeroshot_top1"]), textcoords="offset points", xytext=(5, 5))
+            top1 = 100 * r["zeroshot_top1"]  # the trainer logs fractions
+            ax.scatter(r["gmacs"], top1, s=60)
+            ax.annotate(name, (r["gmacs"], top1), textcoords="offset points", xytext=(5, 5))
     ax.axhline(CHANCE_CLIP, ls="--", color="gray", label="chance")
     ax.set(xlabel="vision GMACs / image (at eval token counts)", ylabel="zero-shot top-1 (%)",
            title="Zero-shot top-1 vs compute, equal steps")
     ax.legend()
+
+
+def plot_top1_vs_macs(results: dict, path: Path):
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    _top1_vs_macs(ax, results)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_clip_comparison(results: dict, path: Path):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    _clip_losses(axes[0], results)
+    _top1_vs_macs(axes[1], results)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -81,9 +103,9 @@ def write_report(out: Path, results: dict, budget: dict, quick: bool):
           "| tower | zero-shot top-1 % | top-5 % | tokens/img (eval) | boundary rate (train, last quarter) | "
           "target rate | vision GMACs | avg step s |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.get("clip", {}).items():
-        target = 1.0 if name.startswith("vit") else 1 / float(name.rsplit("-", 1)[1].rstrip("x"))
-        L.append(f"| {name} | {_fmt(r.get('zeroshot_top1'))} | {_fmt(r.get('zeroshot_top5'))} | "
-                 f"{_fmt(r.get('eval_tokens_per_img'))} | {_fmt(r.get('train_boundary_rate'), 3)} | {target:.3f} | "
+        L.append(f"| {name} | {_fmt(_pct(r.get('zeroshot_top1')))} | {_fmt(_pct(r.get('zeroshot_top5')))} | "
+                 f"{_fmt(r.get('eval_tokens_per_img'))} | {_fmt(r.get('train_boundary_rate'), 3)} | "
+                 f"{_fmt(r.get('target_rate'), 3)} | "
                  f"{_fmt(r.get('gmacs'), 3)} | {_fmt(r.get('avg_step_time'), 2)} |")
     L += ["", f"Chance is {CHANCE_CLIP:.1f}% (40 classes).", "",
           "![training curves](report/training_curves.png)", "", "![top-1 vs MACs](report/top1_vs_macs.png)", ""]

@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(t.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     visual = build_vision(m.model, m.init_vision, parse_overrides(m.vision_override))
     text_cfg = {**get_text_config(m.text_model), **parse_overrides(m.text_override)}
-    model = DripCLIP(visual, text_cfg)
+    model = DripCLIP(visual, text_cfg, init_logit_scale=m.init_logit_scale)
     tokenizer = build_tokenizer(text_cfg)
     torch.manual_seed(t.seed + 1000 * info.rank)  # different Gumbel noise per rank
 

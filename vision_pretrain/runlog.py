@@ -73,3 +73,23 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def summarize_clip_run(run: str | Path) -> dict:
+    """A finished CLIP run in a few numbers (last epoch's zero-shot, GMACs, step time; the loss curve; the mean
+    training boundary rate over the last quarter of the steps and its target), for side-by-side reports."""
+    run = Path(run)
+    recs = read_jsonl(run / "log.jsonl")
+    tower = json.loads((run / "vision_tower" / "config.json").read_text())
+    steps = [r for r in recs if r.get("event") == "step"]
+    epochs = [r for r in recs if r.get("event") == "epoch"]
+    last = epochs[-1] if epochs else {}
+    tail = steps[-max(1, len(steps) // 4):]
+    return {
+        "steps": [{k: r.get(k) for k in ("step", "loss", "boundary_rate", "tokens_per_img", "step_time")} for r in steps],
+        "zeroshot_top1": last.get("zeroshot_top1"), "zeroshot_top5": last.get("zeroshot_top5"),
+        "eval_tokens_per_img": last.get("zeroshot_tokens_per_img"), "gmacs": last.get("gmacs"),
+        "avg_step_time": last.get("avg_step_time"),
+        "train_boundary_rate": sum(r["boundary_rate"] for r in tail) / len(tail) if tail else None,
+        "target_rate": 1.0 / tower["compression"] if tower.get("compression") else 1.0,
+    }

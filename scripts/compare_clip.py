@@ -1,0 +1,78 @@
+"""ViT vs DRIP CLIP towers side by side at equal steps: zero-shot top-1/top-5, tokens, GMACs, step time.
+
+    python scripts/compare_clip.py --data playground/demo/data --out playground/compare_clip \\
+        --presets vit-tiny-16 drip-tiny-16-2x drip-tiny-16-4x drip-tiny-16-10x --steps 240 --batch-size 64
+
+Every run gets the same data, seed, schedule and step count (vision_pretrain.clip in this process, one after
+the other, so step times are measured under the same load). Writes OUT/compare.json, OUT/compare.md and
+OUT/compare.png (loss curves; top-1 vs GMACs). Re-running skips presets whose run already finished.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_report (plots) lives next to this file
+
+from vision_pretrain import clip  # noqa: E402
+from vision_pretrain.runlog import read_jsonl, summarize_clip_run  # noqa: E402
+
+
+def run_preset(preset: str, args, run: Path) -> dict:
+    log = run / "log.jsonl"
+    done = log.is_file() and any(r.get("event") == "end" for r in read_jsonl(log))
+    if not done:
+        data = Path(args.data)
+        n_train = len(list(data.glob("train-*.tar")))
+        clip.main(["--train-data", str(data / f"train-{{000000..{n_train - 1:06d}}}.tar"), "--model", preset,
+                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--lr", str(args.lr),
+                   "--warmup", str(args.warmup), "--seed", str(args.seed), "--output", str(run),
+                   "--resume", "auto", "--save-every", str(max(10, args.steps // 4)), "--log-every", "5",
+                   "--zeroshot-dir", str(data / "imagefolder" / "val"),
+                   "--classnames", str(data / "classnames.json"), *args.extra])
+    return summarize_clip_run(run)
+
+
+def write_table(results: dict, n_classes: int, path: Path) -> str:
+    chance = 100.0 / n_classes
+    lines = [f"| tower | zero-shot top-1 % (chance {chance:.1f}) | top-5 % | eval tokens/img | GMACs/img | "
+             "step time s | train boundary rate (target) |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        top1 = 100 * r["zeroshot_top1"] if r["zeroshot_top1"] is not None else float("nan")
+        top5 = 100 * r["zeroshot_top5"] if r["zeroshot_top5"] is not None else float("nan")
+        lines.append(f"| {name} | {top1:.1f} | {top5:.1f} | {r['eval_tokens_per_img']:.1f} | {r['gmacs']:.3f} | "
+                     f"{r['avg_step_time']:.2f} | {r['train_boundary_rate']:.3f} ({r['target_rate']:.3f}) |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="python -m vision_pretrain.synthetic output folder")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--presets", nargs="+",
+                    default=["vit-tiny-16", "drip-tiny-16-2x", "drip-tiny-16-4x", "drip-tiny-16-10x"])
+    ap.add_argument("--steps", type=int, default=240)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup", type=int, default=15)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more vision_pretrain.clip flags for every run")
+    args = ap.parse_args(argv)
+    args.extra = [a for a in args.extra if a != "--"]
+    out = Path(args.out)
+    results = {p: run_preset(p, args, out / p) for p in args.presets}
+    (out / "compare.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    n_classes = len(json.loads((Path(args.data) / "classnames.json").read_text()))
+    print(write_table(results, n_classes, out / "compare.md"))
+    from demo_report import plot_clip_comparison
+
+    plot_clip_comparison({"clip": results}, out / "compare.png")
+    print(f"wrote {out / 'compare.md'} and {out / 'compare.png'}")
+
+
+if __name__ == "__main__":
+    main()
