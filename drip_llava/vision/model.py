@@ -185,6 +185,9 @@ class DripVisionModel(PreTrainedModel):
     def _init_weights(self, module):
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if std is None:  # PyTorch's default (kaiming-uniform), what open_clip's VisionTransformer trains from
+                module.reset_parameters()
+                return
             init.normal_(module.weight, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
