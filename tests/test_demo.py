@@ -27,10 +27,11 @@ def test_quick_demo_runs_every_stage_and_learns(tmp_path):
         assert clip[name]["zeroshot_top1"] is not None
         losses = [s["loss"] for s in clip[name]["steps"]]
         assert mean(losses[-3:]) < mean(losses[:3]), (name, losses)  # CLIP learns
-    # The QUICK budget (100 CLIP steps) ends on the tiny CLIP's loss plateau, so zero-shot top-1 is only
-    # reported here (the full demo trains past it); what QUICK asserts is that every stage runs and learns.
     for name in clip:
         assert 0 <= clip[name]["zeroshot_top1"] <= 1
+    # DRIP-4x (the LLaVA tower) leaves the ln(batch) plateau within the QUICK budget (10.0% measured, chance
+    # 2.5%); ViT-tiny leaves it later (scripts/compare_clip.py), so QUICK only reports it
+    assert clip["drip-tiny-16-4x"]["zeroshot_top1"] >= 2 * 0.025, clip["drip-tiny-16-4x"]
     # achieved boundary rates near the targets (train, Gumbel) and fewer eval tokens for DRIP than ViT
     for name, target in (("drip-tiny-16-4x", 0.25), ("drip-tiny-16-10x", 0.1)):
         assert abs(clip[name]["train_boundary_rate"] - target) <= 0.2 * target, (name, clip[name])
