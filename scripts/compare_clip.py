@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_report (plots) 
 
 from vision_pretrain import clip  # noqa: E402
 from vision_pretrain.runlog import read_jsonl, summarize_clip_run  # noqa: E402
+from vision_pretrain.synthetic import shard_spec  # noqa: E402
 
 
 def run_preset(preset: str, args, run: Path) -> dict:
@@ -25,28 +26,13 @@ def run_preset(preset: str, args, run: Path) -> dict:
     done = log.is_file() and any(r.get("event") == "end" for r in read_jsonl(log))
     if not done:
         data = Path(args.data)
-        n_train = len(list(data.glob("train-*.tar")))
-        clip.main(["--train-data", str(data / f"train-{{000000..{n_train - 1:06d}}}.tar"), "--model", preset,
+        clip.main(["--train-data", shard_spec(data, "train"), "--model", preset,
                    "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--lr", str(args.lr),
                    "--warmup", str(args.warmup), "--seed", str(args.seed), "--output", str(run),
                    "--resume", "auto", "--save-every", str(max(10, args.steps // 4)), "--log-every", "5",
                    "--zeroshot-dir", str(data / "imagefolder" / "val"),
                    "--classnames", str(data / "classnames.json"), *args.extra])
     return summarize_clip_run(run)
-
-
-def write_table(results: dict, n_classes: int, path: Path) -> str:
-    chance = 100.0 / n_classes
-    lines = [f"| tower | zero-shot top-1 % (chance {chance:.1f}) | top-5 % | eval tokens/img | GMACs/img | "
-             "step time s | train boundary rate (target) |", "|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        top1 = 100 * r["zeroshot_top1"] if r["zeroshot_top1"] is not None else float("nan")
-        top5 = 100 * r["zeroshot_top5"] if r["zeroshot_top5"] is not None else float("nan")
-        lines.append(f"| {name} | {top1:.1f} | {top5:.1f} | {r['eval_tokens_per_img']:.1f} | {r['gmacs']:.3f} | "
-                     f"{r['avg_step_time']:.2f} | {r['train_boundary_rate']:.3f} ({r['target_rate']:.3f}) |")
-    text = "\n".join(lines) + "\n"
-    path.write_text(text)
-    return text
 
 
 def main(argv=None):
@@ -66,9 +52,12 @@ def main(argv=None):
     out = Path(args.out)
     results = {p: run_preset(p, args, out / p) for p in args.presets}
     (out / "compare.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    from demo_report import clip_table, plot_clip_comparison
+
     n_classes = len(json.loads((Path(args.data) / "classnames.json").read_text()))
-    print(write_table(results, n_classes, out / "compare.md"))
-    from demo_report import plot_clip_comparison
+    table = "\n".join(clip_table(results)) + f"\n\nChance is {100 / n_classes:.1f}% ({n_classes} classes).\n"
+    (out / "compare.md").write_text(table)
+    print(table)
 
     plot_clip_comparison({"clip": results}, out / "compare.png")
     print(f"wrote {out / 'compare.md'} and {out / 'compare.png'}")

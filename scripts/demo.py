@@ -107,19 +107,16 @@ class Demo:
         self.run("data", [PY, "-m", "vision_pretrain.synthetic", "--out", self.data, "--n-train", b.n_train,
                           "--n-val", b.n_val, "--seed", "0", "--n-sqa", b.n_eval, "--workers", "2"])
 
-    def shards(self, split: str) -> str:
-        n = len(list(self.data.glob(f"{split}-*.tar")))
-        return str(self.data / f"{split}-{{000000..{n - 1:06d}}}.tar")
-
     def clip(self):
         from vision_pretrain.runlog import summarize_clip_run
+        from vision_pretrain.synthetic import shard_spec
 
         b = self.b
         for preset in CLIP_MODELS:
             run = self.out / "clip" / preset
             self.run(f"clip-{preset}", [
                 BIN / "torchrun", "--nproc_per_node", "2", "--master_port", "29533", "-m", "vision_pretrain.clip",
-                "--train-data", self.shards("train"), "--model", preset, "--text-model", "tiny",
+                "--train-data", shard_spec(self.data, "train"), "--model", preset, "--text-model", "tiny",
                 "--batch-size", b.clip_batch, "--steps", b.clip_steps, "--lr", b.clip_lr,
                 "--warmup", max(5, b.clip_steps // 10), "--output", run, "--resume", "auto",
                 "--save-every", max(10, b.clip_steps // 3), "--log-every", "5",

@@ -20,6 +20,17 @@ def _pct(fraction):
     return None if fraction is None else 100 * fraction
 
 
+def clip_table(clip_results: dict) -> list[str]:
+    """Markdown rows of vision_pretrain.runlog.summarize_clip_run summaries, one tower per row."""
+    rows = ["| tower | zero-shot top-1 % | top-5 % | tokens/img (eval) | boundary rate (train, last quarter) | "
+            "target rate | vision GMACs | avg step s |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in clip_results.items():
+        rows.append(f"| {name} | {_fmt(_pct(r.get('zeroshot_top1')))} | {_fmt(_pct(r.get('zeroshot_top5')))} | "
+                    f"{_fmt(r.get('eval_tokens_per_img'))} | {_fmt(r.get('train_boundary_rate'), 3)} | "
+                    f"{_fmt(r.get('target_rate'), 3)} | {_fmt(r.get('gmacs'), 3)} | {_fmt(r.get('avg_step_time'), 2)} |")
+    return rows
+
+
 def _clip_losses(ax, results: dict):
     for name, r in results.get("clip", {}).items():
         st = [s for s in r["steps"] if s.get("loss") is not None]
@@ -44,7 +55,7 @@ def plot_curves(results: dict, path: Path):
 def _top1_vs_macs(ax, results: dict):
     for name, r in results.get("clip", {}).items():
         if r.get("gmacs") is not None and r.get("zeroshot_top1") is not None:
-            top1 = 100 * r["zeroshot_top1"]  # the trainer logs fractions
+            top1 = _pct(r["zeroshot_top1"])  # the trainer logs fractions
             ax.scatter(r["gmacs"], top1, s=60)
             ax.annotate(name, (r["gmacs"], top1), textcoords="offset points", xytext=(5, 5))
     ax.axhline(CHANCE_CLIP, ls="--", color="gray", label="chance")
@@ -99,14 +110,7 @@ def write_report(out: Path, results: dict, budget: dict, quick: bool):
     secs = results.get("seconds", {})
     L += ["Stage times (s): " + ", ".join(f"{k} {v}" for k, v in secs.items()), ""]
 
-    L += ["## 1. CLIP pretraining at equal steps (2 ranks, torchrun)", "",
-          "| tower | zero-shot top-1 % | top-5 % | tokens/img (eval) | boundary rate (train, last quarter) | "
-          "target rate | vision GMACs | avg step s |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in results.get("clip", {}).items():
-        L.append(f"| {name} | {_fmt(_pct(r.get('zeroshot_top1')))} | {_fmt(_pct(r.get('zeroshot_top5')))} | "
-                 f"{_fmt(r.get('eval_tokens_per_img'))} | {_fmt(r.get('train_boundary_rate'), 3)} | "
-                 f"{_fmt(r.get('target_rate'), 3)} | "
-                 f"{_fmt(r.get('gmacs'), 3)} | {_fmt(r.get('avg_step_time'), 2)} |")
+    L += ["## 1. CLIP pretraining at equal steps (2 ranks, torchrun)", ""] + clip_table(results.get("clip", {}))
     L += ["", f"Chance is {CHANCE_CLIP:.1f}% (40 classes).", "",
           "![training curves](report/training_curves.png)", "", "![top-1 vs MACs](report/top1_vs_macs.png)", ""]
     L += ["## 2. Boundaries (what DRIP pooled)", ""]

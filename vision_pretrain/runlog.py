@@ -78,9 +78,11 @@ def peak_memory_mb(device: torch.device) -> float:
 def summarize_clip_run(run: str | Path) -> dict:
     """A finished CLIP run in a few numbers (last epoch's zero-shot, GMACs, step time; the loss curve; the mean
     training boundary rate over the last quarter of the steps and its target), for side-by-side reports."""
+    from drip_llava.vision import DripVisionConfig
+
     run = Path(run)
     recs = read_jsonl(run / "log.jsonl")
-    tower = json.loads((run / "vision_tower" / "config.json").read_text())
+    tower = DripVisionConfig.from_pretrained(str(run / "vision_tower"))
     steps = [r for r in recs if r.get("event") == "step"]
     epochs = [r for r in recs if r.get("event") == "epoch"]
     last = epochs[-1] if epochs else {}
@@ -91,5 +93,5 @@ def summarize_clip_run(run: str | Path) -> dict:
         "eval_tokens_per_img": last.get("zeroshot_tokens_per_img"), "gmacs": last.get("gmacs"),
         "avg_step_time": last.get("avg_step_time"),
         "train_boundary_rate": sum(r["boundary_rate"] for r in tail) / len(tail) if tail else None,
-        "target_rate": 1.0 / tower["compression"] if tower.get("compression") else 1.0,
+        "target_rate": tower.target_rate,
     }

@@ -287,6 +287,14 @@ def _json_bytes(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
+def shard_spec(out: str | Path, split: str) -> str:
+    """The brace pattern of a generated split's shards ('OUT/train-{000000..000002}.tar'), for --train-data."""
+    n = len(list(Path(out).glob(f"{split}-*.tar")))
+    if n == 0:
+        raise FileNotFoundError(f"{out}: no {split}-*.tar shards (python -m vision_pretrain.synthetic --out {out})")
+    return str(Path(out) / f"{split}-{{000000..{n - 1:06d}}}.tar")
+
+
 def _write_shard(task: dict) -> list[dict]:
     """Worker: render one shard, write its tar + ImageFolder files (+ eval images); return records."""
     out, split = Path(task["out"]), task["split"]
