@@ -225,6 +225,36 @@ def test_batch_loss_equals_each_sample_alone(llava, images):
     assert torch.allclose(out.loss, out2.loss, atol=1e-6)
 
 
+def test_training_loss_on_supervised_positions_equals_full_logits_loss(llava, images):
+    """Training computes the LM head only where labels are supervised: same loss and gradients as the full-logits
+    loss of LlamaForCausalLM, also with the Trainer's num_items_in_batch (gradient accumulation)."""
+    pad = llava.config.pad_token_id
+    ids, mask, labels = _batch([_sample(t, at) for t, at in SAMPLES], pad)
+    labels[:, :4] = IGNORE_INDEX  # a prompt part, as in LLaVA data
+    proj = list(llava.mm_projector.parameters())
+
+    def loss_and_grads(train: bool, **kw):
+        llava.train(train)
+        llava.zero_grad()
+        out = llava(input_ids=ids, attention_mask=mask, labels=labels, images=images, **kw)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in proj]
+
+    try:
+        ref, ref_g = loss_and_grads(False)
+        fast, fast_g = loss_and_grads(True)
+        assert ref.logits is not None and fast.logits is None
+        assert torch.allclose(fast.loss, ref.loss, atol=1e-5), (fast.loss, ref.loss)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fast_g, ref_g))
+        n = torch.tensor(50)
+        ref_n, _ = loss_and_grads(False, num_items_in_batch=n)
+        fast_n, _ = loss_and_grads(True, num_items_in_batch=n)
+        assert torch.allclose(fast_n.loss, ref_n.loss, atol=1e-5) and not torch.allclose(fast_n.loss, fast.loss)
+    finally:
+        llava.zero_grad()
+        llava.eval()
+
+
 def test_placeholder_errors(llava, images):
     two = torch.tensor([[5, IMAGE_TOKEN_INDEX, 6, IMAGE_TOKEN_INDEX]])
     with torch.no_grad(), pytest.raises(ValueError, match=r"samples \[0\].*exactly one"):
