@@ -39,22 +39,38 @@ class Budget:
     lora_r: int
     n_eval: int  # ScienceQA-format questions evaluated
     n_exact: int  # held-out short-answer questions
+    bench_images: int = 6  # val images (plus 2 photos) in the prefill benchmark
+    bench_repeats: int = 3  # timed runs per image (median)
 
 
 # Calibrated on this 2-core CPU: tiny CLIP towers start on a loss plateau (~ln(batch)); DRIP leaves it after
 # ~35 steps, ViT after ~50 (scripts/compare_clip.py). QUICK (100 steps, global batch 32): DRIP-4x 10.0% zero-shot
 # top-1, DRIP-10x 7.8%, ViT 2.8% (chance 2.5%); the full budget's batch 64 x 150 steps gets all of them past it.
 FULL = Budget(n_train=8000, n_val=800, clip_steps=150, clip_batch=32, clip_lr=5e-4, stage1_steps=60,
-              stage2_steps=100, llava_batch=4, stage1_lr=1e-3, stage2_lr=5e-4, lora_r=16, n_eval=200, n_exact=100)
+              stage2_steps=120, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=200, n_exact=100)
 QUICK = Budget(n_train=2400, n_val=400, clip_steps=100, clip_batch=16, clip_lr=5e-4, stage1_steps=15,
-               stage2_steps=20, llava_batch=4, stage1_lr=1e-3, stage2_lr=5e-4, lora_r=16, n_eval=60, n_exact=30)
+               stage2_steps=20, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=60, n_exact=30,
+               bench_images=2, bench_repeats=1)
 CLIP_MODELS = ("vit-tiny-16", "drip-tiny-16-4x", "drip-tiny-16-10x")
+
+
+def cpu_precision() -> str | None:
+    """LLaVA-stage precision on a CPU-only machine: bf16 where the CPU has bf16 matrix units (AMX / AVX512-BF16:
+    8x the fp32 matmul throughput measured on our 2-core Xeon, 2-3x faster LLaVA steps), fp32 elsewhere (bf16 is
+    emulated there, and slower). None with a GPU: the scripts' own defaults (bf16/fp16) apply."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return "bf16" if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported() else "fp32"
+
 LLAVA_TOWER = "drip-tiny-16-4x"
 
 
 class Demo:
     def __init__(self, out: Path, budget: Budget, quick: bool):
         self.out, self.b, self.quick = out, budget, quick
+        self.precision = cpu_precision()
         self.data = out / "data"
         self.logs = out / "logs"
         self.report = out / "report"
@@ -158,7 +174,8 @@ class Demo:
             "--deepspeed", "scripts/zero2.json", "--output_dir", self.out / "stage1",
             "--per_device_train_batch_size", b.llava_batch, "--max_steps", b.stage1_steps,
             "--learning_rate", b.stage1_lr, "--model_max_length", "256", "--dataloader_num_workers", "0",
-            "--save_steps", max(10, b.stage1_steps // 2), "--resume_from_checkpoint", "auto"])
+            "--save_steps", max(10, b.stage1_steps // 2), "--resume_from_checkpoint", "auto",
+            *([] if self.precision is None else ["--use_cpu", "True", "--bf16", str(self.precision == "bf16")])])
         self.results["stage1"] = summarize_hf_log(self.out / "stage1")
 
     def stage2(self):
@@ -170,7 +187,9 @@ class Demo:
                    DS_CONFIG=str(ROOT / "scripts" / "zero2.json"), PER_DEVICE_BATCH=str(b.llava_batch),
                    GLOBAL_BATCH=str(2 * b.llava_batch), MAX_STEPS=str(b.stage2_steps),
                    SAVE_STEPS=str(max(10, b.stage2_steps // 2)), LR=str(b.stage2_lr), MM_PROJECTOR_LR=str(b.stage1_lr / 5),
-                   LORA_R=str(b.lora_r), LORA_ALPHA=str(2 * b.lora_r), MODEL_MAX_LENGTH="384", NUM_WORKERS="0",
+                   LORA_R=str(b.lora_r), LORA_ALPHA=str(2 * b.lora_r), LORA_DROPOUT="0",
+                   **({} if self.precision is None else {"PRECISION": self.precision}), MODEL_MAX_LENGTH="384",
+                   NUM_WORKERS="0",
                    GRAD_CKPT="False", PYTHON=PY, DEEPSPEED=str(BIN / "deepspeed"))
         self.run("stage2", ["bash", "scripts/finetune_lora.sh"], env=env)
         self.results["stage2"] = summarize_hf_log(self.out / "stage2")
@@ -192,7 +211,8 @@ class Demo:
                                           "--result-file", ev / f"sqa_answers_{tag}.jsonl",
                                           "--output-file", ev / f"sqa_scored_{tag}.jsonl",
                                           "--output-result", ev / f"sqa_result_{tag}.json"])
-            self.results.setdefault("scienceqa", {})[tag] = read_sqa_result(ev / f"sqa_result_{tag}.json", sqa)
+            self.results.setdefault("scienceqa", {})[tag] = read_sqa_result(
+                ev / f"sqa_result_{tag}.json", ev / f"sqa_scored_{tag}.jsonl", sqa)
         # exact match on held-out short-answer questions (val images)
         qfile = ev / "exact_questions.jsonl"
         lines = (self.data / "llava" / "val_questions.jsonl").read_text().splitlines()[: self.b.n_exact]
@@ -206,8 +226,9 @@ class Demo:
         self.results["efficiency"] = json.loads((ev / "efficiency.json").read_text())
         towers = ",".join(["vit-tiny-16"] + [str(self.out / "clip" / p / "vision_tower") for p in CLIP_MODELS[1:]])
         self.run("prefill-bench", [PY, "-m", "drip_llava.model.prefill_bench", "--llm", self.llm_dir,
-                                   "--towers", towers, "--no-calibrate", "--repeats", "3", "--threads", "2",
-                                   "--images", ",".join(self.sample_images(6) + ["astronaut", "coffee"]),
+                                   "--towers", towers, "--no-calibrate", "--repeats", self.b.bench_repeats,
+                                   "--threads", "2", "--images",
+                                   ",".join(self.sample_images(self.b.bench_images) + ["astronaut", "coffee"]),
                                    "--json", ev / "prefill.json"])
         self.results["prefill"] = json.loads((ev / "prefill.json").read_text())
 
@@ -239,12 +260,23 @@ def make_blank_images(src: Path, dst: Path) -> Path:
     return dst
 
 
-def read_sqa_result(path: Path, sqa_dir: Path) -> dict:
+def read_sqa_result(path: Path, scored: Path, sqa_dir: Path) -> dict:
+    """The scorer's totals, the chance level of these questions, and accuracy per skill (question type)."""
     r = json.loads(path.read_text())
     problems = json.loads((sqa_dir / "problems.json").read_text())
     test = json.loads((sqa_dir / "pid_splits.json").read_text())["test"]
     chance = sum(1 / len(problems[p]["choices"]) for p in test) / len(test)
-    return {"acc": r.get("acc"), "img_acc": r.get("img_acc"), "chance": 100 * chance, "n": r.get("count")}
+    by_skill: dict[str, list] = {}
+    for line in scored.read_text().splitlines():
+        rec = json.loads(line)
+        p = problems[str(rec["question_id"])]
+        row = by_skill.setdefault(p["skill"], [0, 0, 0.0])  # correct, count, summed chance
+        row[0] += bool(rec["correct"])
+        row[1] += 1
+        row[2] += 1 / len(p["choices"])
+    skills = {k: {"acc": 100 * c / n, "n": n, "chance": 100 * ch / n} for k, (c, n, ch) in sorted(by_skill.items())}
+    return {"acc": r.get("acc"), "img_acc": r.get("img_acc"), "chance": 100 * chance, "n": r.get("count"),
+            "by_skill": skills}
 
 
 def exact_match(qfile: Path, afile: Path) -> dict:

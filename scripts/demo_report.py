@@ -139,6 +139,15 @@ def write_report(out: Path, results: dict, budget: dict, quick: bool):
     if em:
         L.append(f"| exact match %, short answers ({em.get('n')} questions) | {_fmt(em.get('accuracy'))} | | |")
     L.append("")
+    skills = sqa.get("image", {}).get("by_skill") if sqa else None
+    if skills:
+        blank = sqa.get("blank", {}).get("by_skill", {})
+        L += ["MC accuracy % by question type (ScienceQA `skill`):", "",
+              "| question type | n | with the image | blank image | chance |", "|---|---|---|---|---|"]
+        for k, r in skills.items():
+            L.append(f"| {k} | {r['n']} | {_fmt(r['acc'])} | {_fmt(blank.get(k, {}).get('acc'))} | "
+                     f"{_fmt(r['chance'])} |")
+        L.append("")
 
     if prefill:
         L += ["## 5. Efficiency: visual tokens and LLM prefill", "",

@@ -152,7 +152,7 @@ def test_llava_json(data, records):
         assert (img_root / r["image"]).is_file() and r["image"].startswith("train/")
         human, gpt = r["conversations"]
         assert human["from"] == "human" and human["value"].startswith("<image>\n") and gpt["from"] == "gpt"
-        assert gpt["value"] == records["train"][Path(r["image"]).stem]["caption"]
+        assert gpt["value"] == records["train"][Path(r["image"]).stem]["alt_text"]
     ins = json.loads((out / "llava" / "instruct.json").read_text())
     with_image = [r for r in ins if "image" in r]
     assert len(with_image) == N_TRAIN and len(ins) > N_TRAIN  # plus text-only context questions

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stage-1 JSON carries the short alt text
 
 # Saturated, well-separated object colours (name -> RGB).
 COLOURS: dict[str, tuple[int, int, int]] = {

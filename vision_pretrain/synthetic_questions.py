@@ -300,13 +300,17 @@ def _image_path(rec: dict) -> str:
 
 
 def pretrain_records(records: list[dict], seed: int) -> list[dict]:
-    """LLaVA stage-1 JSON: one (instruction, caption) conversation per image."""
+    """LLaVA stage-1 JSON: one (instruction, short caption) conversation per image.
+
+    The short alt text, as LLaVA's stage 1 uses short BLIP captions: most of its tokens name what the image
+    shows (colours, shapes), which is the signal that aligns the projector. With the long captions (background,
+    positions, sentence templates) a 60-step stage 1 mostly learned the sentence style."""
     out = []
     for rec in records:
         rng = item_rng(seed, rec["split"], rec["index"], "pretrain")
         out.append({"id": f"{rec['split']}_{rec['key']}", "image": _image_path(rec), "conversations": [
             {"from": "human", "value": "<image>\n" + rng.choice(PRETRAIN_INSTRUCTIONS)},
-            {"from": "gpt", "value": rec["caption"]}]})
+            {"from": "gpt", "value": rec["alt_text"]}]})
     return out
 
 
@@ -505,7 +509,7 @@ Files (all written from the same scene descriptions):
   `jpg`, `txt` (caption), `json` (scene), `cls` (label).
 - `imagefolder/{{train,val}}/<class>/<key>.jpg`: ImageFolder tree (sorted folders = label order).
 - `classnames.json`: class names in label order, for zero-shot templates.
-- `llava/pretrain.json`: LLaVA stage 1, image + caption ({c['llava_pretrain']} records).
+- `llava/pretrain.json`: LLaVA stage 1, image + short caption (the alt text) ({c['llava_pretrain']} records).
 - `llava/instruct.json`: LLaVA stage 2, 2-4 turn Q&A per train image (some multiple choice), plus ~5%
   text-only context questions ({c['llava_instruct']} records).
 - `llava/val_questions.jsonl`: held-out short-answer questions on the val split with the exact `answer`
