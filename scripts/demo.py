@@ -199,6 +199,7 @@ class Demo:
         ev.mkdir(parents=True, exist_ok=True)
         sqa = self.data / "scienceqa"
         model = ["--model-path", self.out / "stage2", "--model-base", self.llm_dir]
+        dtype = ["--dtype", "bfloat16"] if self.precision == "bf16" else []
         self.run("sqa-convert", [PY, "-m", "drip_llava.eval.scienceqa", "convert", "--base-dir", sqa,
                                  "--split", "test", "--out", ev / "sqa_questions.jsonl"])
         blank = make_blank_images(sqa / "images" / "test", ev / "blank_images")
@@ -206,7 +207,7 @@ class Demo:
             self.run(f"sqa-generate-{tag}", [PY, "-m", "drip_llava.eval.generate", *model,
                                              "--question-file", ev / "sqa_questions.jsonl", "--image-folder", images,
                                              "--answers-file", ev / f"sqa_answers_{tag}.jsonl", "--temperature", "0",
-                                             "--max-new-tokens", "8"])
+                                             "--max-new-tokens", "8", *dtype])
             self.run(f"sqa-score-{tag}", [PY, "-m", "drip_llava.eval.scienceqa", "score", "--base-dir", sqa,
                                           "--result-file", ev / f"sqa_answers_{tag}.jsonl",
                                           "--output-file", ev / f"sqa_scored_{tag}.jsonl",
@@ -219,7 +220,7 @@ class Demo:
         qfile.write_text("\n".join(lines) + "\n")
         self.run("exact-generate", [PY, "-m", "drip_llava.eval.generate", *model, "--question-file", qfile,
                                     "--image-folder", self.data / "imagefolder", "--answers-file",
-                                    ev / "exact_answers.jsonl", "--temperature", "0", "--max-new-tokens", "16"])
+                                    ev / "exact_answers.jsonl", "--temperature", "0", "--max-new-tokens", "16", *dtype])
         self.results["exact_match"] = exact_match(qfile, ev / "exact_answers.jsonl")
         self.run("efficiency", [PY, "-m", "drip_llava.eval.efficiency", *model, "--images", "examples",
                                 "--json", ev / "efficiency.json"])

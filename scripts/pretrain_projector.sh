@@ -26,28 +26,8 @@ GLOBAL_BATCH="${GLOBAL_BATCH:-256}"
 NUM_WORKERS="${NUM_WORKERS:-4}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 
-read -r GPUS BF16_OK < <("$PYTHON" -c "import torch; c = torch.cuda.is_available(); \
-print(torch.cuda.device_count() if c else 0, int(c and torch.cuda.is_bf16_supported()))")
-NUM_GPUS="${NUM_GPUS:-$(( GPUS > 0 ? GPUS : 1 ))}"
-DEVICE_ARGS=()
-if [[ "$GPUS" == 0 ]]; then
-  PRECISION="${PRECISION:-fp32}"
-  [[ "$PRECISION" == fp16 ]] && { echo "PRECISION=fp16 needs a GPU; use bf16 or fp32" >&2; exit 2; }
-  DEVICE_ARGS+=(--use_cpu True)
-  export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
-else
-  PRECISION="${PRECISION:-$([[ "$BF16_OK" == 1 ]] && echo bf16 || echo fp16)}"
-fi
-case "$PRECISION" in
-  bf16) DEVICE_ARGS+=(--bf16 True --fp16 False) ;;
-  fp16) DEVICE_ARGS+=(--fp16 True --bf16 False) ;;
-  fp32) DEVICE_ARGS+=(--bf16 False --fp16 False) ;;
-  *) echo "PRECISION must be bf16, fp16 or fp32 (got $PRECISION)" >&2; exit 2 ;;
-esac
-# each rank gets its share of the cores (as torchrun does): OpenMP threads of several ranks otherwise spin
-# against each other (10x slower steps measured on a 2-core machine)
-CORES="$(nproc)"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / NUM_GPUS > 0 ? CORES / NUM_GPUS : 1 ))}"
+# hardware probe, precision flags (DEVICE_ARGS), per-rank CPU threads: shared with the other launcher
+source "$ROOT/scripts/launch_env.sh"
 
 PER_STEP=$(( NUM_GPUS * PER_DEVICE_BATCH ))
 if (( GLOBAL_BATCH % PER_STEP != 0 )); then

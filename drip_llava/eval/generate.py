@@ -109,6 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--load-8bit", action="store_true")
     p.add_argument("--load-4bit", action="store_true")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights dtype (auto: bf16/fp16 on GPU, fp32 on CPU; bfloat16 is fast on CPUs with AMX)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (each question reseeds: resumable)")
     p.add_argument("--model-id", default=None, help="model_id written in the answers (default: model folder name)")
     p.add_argument("--max-image-pixels", type=int, default=None)
@@ -141,7 +143,8 @@ def main(argv=None) -> dict:
     configure_pil(max_pixels)
     engine = ChatEngine.from_pretrained(args.model_path, model_base=args.model_base, load_8bit=args.load_8bit,
                                         load_4bit=args.load_4bit, device=args.device, conv_mode=args.conv_mode,
-                                        max_image_pixels=max_pixels)
+                                        max_image_pixels=max_pixels,
+                                        torch_dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
     model_id = args.model_id or engine.model_name
     settings = GenerationSettings(temperature=args.temperature, top_p=args.top_p,
                                   max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)

@@ -331,11 +331,12 @@ class ChatEngine:
 
     @classmethod
     def from_pretrained(cls, model_path, model_base=None, load_8bit: bool = False, load_4bit: bool = False,
-                        device=None, conv_mode: Optional[str] = None, **kwargs) -> "ChatEngine":
+                        device=None, conv_mode: Optional[str] = None, torch_dtype: Optional[torch.dtype] = None,
+                        **kwargs) -> "ChatEngine":
         from drip_llava.model.builder import load_pretrained_model
 
         loaded = load_pretrained_model(model_path, model_base=model_base, load_8bit=load_8bit, load_4bit=load_4bit,
-                                       device=device)
+                                       device=device, torch_dtype=torch_dtype)
         return cls(loaded, conv_mode=conv_mode, **kwargs)
 
     @property
