@@ -58,28 +58,8 @@ mkdir -p "$ANSWER_DIR" "$REVIEW_DIR"
 BASE_ARGS=()
 if [[ -n "$MODEL_BASE" ]]; then BASE_ARGS=(--model-base "$MODEL_BASE"); fi
 
-PIDS=()
-for IDX in $(seq 0 $((NUM_CHUNKS - 1))); do
-    CUDA_VISIBLE_DEVICES="${GPUS[$((IDX % ${#GPUS[@]}))]}" "$PYTHON" -m drip_llava.eval.generate \
-        --model-path "$MODEL_PATH" "${BASE_ARGS[@]}" \
-        --question-file "$QUESTIONS" \
-        --image-folder "$IMAGE_FOLDER" \
-        --answers-file "$ANSWER_DIR/${NUM_CHUNKS}_${IDX}.jsonl" \
-        --num-chunks "$NUM_CHUNKS" --chunk-idx "$IDX" \
-        --temperature 0 --conv-mode "$CONV_MODE" &
-    PIDS+=($!)
-done
-# Unlike LLaVA's scripts, a failed chunk stops here instead of judging a partial merge.
-FAILED=0
-for PID in "${PIDS[@]}"; do wait "$PID" || FAILED=1; done
-if (( FAILED )); then echo "error: a generation chunk failed (see above); rerun to resume" >&2; exit 1; fi
-
-MERGED="$ANSWER_DIR/merge.jsonl"
-: > "$MERGED"
-for IDX in $(seq 0 $((NUM_CHUNKS - 1))); do
-    CHUNK_FILE="$ANSWER_DIR/${NUM_CHUNKS}_${IDX}.jsonl"
-    if [[ -f "$CHUNK_FILE" ]]; then cat "$CHUNK_FILE" >> "$MERGED"; fi
-done
+source "$(dirname "${BASH_SOURCE[0]}")/generate_chunks.sh"
+generate_chunks "$QUESTIONS" "$IMAGE_FOLDER" "$ANSWER_DIR"
 
 # Pairs files by question_id; appends to the review file and skips what is already reviewed.
 REVIEW="$REVIEW_DIR/${CKPT}.jsonl"
