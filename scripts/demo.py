@@ -53,6 +53,7 @@ QUICK = Budget(n_train=2400, n_val=400, clip_steps=100, clip_batch=16, clip_lr=5
                stage2_steps=20, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=60, n_exact=30,
                bench_images=2, bench_repeats=1)
 CLIP_MODELS = ("vit-tiny-16", "drip-tiny-16-4x", "drip-tiny-16-10x")
+LLAVA_TOWER = "drip-tiny-16-4x"
 
 
 def cpu_precision() -> str | None:
@@ -64,8 +65,6 @@ def cpu_precision() -> str | None:
     if torch.cuda.is_available():
         return None
     return "bf16" if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported() else "fp32"
-
-LLAVA_TOWER = "drip-tiny-16-4x"
 
 
 class Demo:
@@ -188,10 +187,10 @@ class Demo:
                    DS_CONFIG=str(ROOT / "scripts" / "zero2.json"), PER_DEVICE_BATCH=str(b.llava_batch),
                    GLOBAL_BATCH=str(2 * b.llava_batch), MAX_STEPS=str(b.stage2_steps),
                    SAVE_STEPS=str(max(10, b.stage2_steps // 2)), LR=str(b.stage2_lr), MM_PROJECTOR_LR=str(b.stage1_lr / 5),
-                   LORA_R=str(b.lora_r), LORA_ALPHA=str(2 * b.lora_r), LORA_DROPOUT="0",
-                   **({} if self.precision is None else {"PRECISION": self.precision}), MODEL_MAX_LENGTH="384",
-                   NUM_WORKERS="0",
-                   GRAD_CKPT="False", PYTHON=PY, DEEPSPEED=str(BIN / "deepspeed"))
+                   LORA_R=str(b.lora_r), LORA_ALPHA=str(2 * b.lora_r), LORA_DROPOUT="0", MODEL_MAX_LENGTH="384",
+                   NUM_WORKERS="0", GRAD_CKPT="False", PYTHON=PY, DEEPSPEED=str(BIN / "deepspeed"))
+        if self.precision is not None:
+            env["PRECISION"] = self.precision
         self.run("stage2", ["bash", "scripts/finetune_lora.sh"], env=env)
         self.results["stage2"] = summarize_hf_log(self.out / "stage2")
 

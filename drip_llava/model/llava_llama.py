@@ -272,14 +272,15 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
                     input_ids, attention_mask, labels, images, padding_side=mm_padding_side)
                 input_ids = None
         if labels is not None and self.training and torch.is_grad_enabled():
-            return self._supervised_loss_forward(attention_mask, position_ids, past_key_values, inputs_embeds,
-                                                 input_ids, labels, use_cache, **kwargs)
+            return self._supervised_loss_forward(input_ids=input_ids, attention_mask=attention_mask,
+                                                 position_ids=position_ids, past_key_values=past_key_values,
+                                                 inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                                 **kwargs)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                                use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
 
-    def _supervised_loss_forward(self, attention_mask, position_ids, past_key_values, inputs_embeds, input_ids,
-                                 labels, use_cache, num_items_in_batch=None, **kwargs):
+    def _supervised_loss_forward(self, labels: torch.Tensor, num_items_in_batch=None, **model_kwargs):
         """Training forward: the LM head and the cross-entropy run on the supervised positions only.
 
         In LLaVA data most positions (image tokens, system prompt, questions) are IGNORE_INDEX, yet the full
@@ -287,8 +288,7 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
         and their log-softmax a large share of its time (measured: ~10% of a SmolLM2 LoRA step on CPU). The loss
         is the same as LlamaForCausalLM's (shifted labels; sum / num_items_in_batch under gradient accumulation,
         else the mean). `logits` is None: training never reads them."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        out = self.model(**model_kwargs)
         target = labels[:, 1:].to(out.last_hidden_state.device)
         keep = target != IGNORE_INDEX
         logits = self.lm_head(out.last_hidden_state[:, :-1][keep]).float()
