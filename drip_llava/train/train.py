@@ -161,7 +161,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
     summary = {"recipe": recipe_name, "global_step": trainer.state.global_step,
                "train_loss": result.training_loss, "skipped": skipped, **result.metrics}
     logger.info("done: %s", summary)
+    end_process_group()
     return summary
+
+
+def end_process_group() -> None:
+    """Leave the process group on every rank together: with gloo, a rank that reaches interpreter exit while its
+    communication threads still run aborts ("terminate called without an active exception", exit -6) and the
+    launcher then fails a finished run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
