@@ -43,23 +43,25 @@ class Budget:
     bench_repeats: int = 3  # timed runs per image (median)
 
 
-# Calibrated on this 2-core CPU: tiny CLIP towers start on a loss plateau (~ln(batch)); DRIP leaves it after
-# ~35 steps, ViT after ~50 (scripts/compare_clip.py). QUICK (100 steps, global batch 32): DRIP-4x 10.0% zero-shot
-# top-1, DRIP-10x 7.8%, ViT 2.8% (chance 2.5%). FULL (batch 64 x 150 steps, 17 min in all): ViT 9.9%, DRIP-4x
-# 9.6%, DRIP-10x 9.1%. Stage-1 lr 1e-2: 60 steps instead of LLaVA's ~2000 (1e-3 left the caption loss flat).
-FULL = Budget(n_train=8000, n_val=800, clip_steps=150, clip_batch=32, clip_lr=5e-4, stage1_steps=60,
-              stage2_steps=120, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=200, n_exact=100)
-QUICK = Budget(n_train=2400, n_val=400, clip_steps=100, clip_batch=16, clip_lr=5e-4, stage1_steps=15,
-               stage2_steps=20, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=60, n_exact=30,
-               bench_images=2, bench_repeats=1)
+# Calibrated on 2 cores: tiny CLIP towers start on a loss plateau (~ln(batch)); DRIP leaves it after ~35 steps,
+# ViT after ~50 (scripts/compare_clip.py). Steps fit the time budget on the slower of our machines (an EPYC without
+# AMX: LLaVA steps 4.3-4.9 s, CLIP steps 0.85-1.1 s in bf16; on a Xeon with AMX, 2.3 s and ~0.65 s). Measured there:
+# FULL 19.5 min, zero-shot top-1 ViT 9.8%, DRIP-4x 9.6%, DRIP-10x 8.4% (chance 2.5%); QUICK 6.5 min, DRIP-4x 9.3%
+# at 70 CLIP steps (5.3% at 60: too close to the QUICK test's 5% floor). Stage-1 lr 1e-2: tens of steps instead of
+# LLaVA's ~2000 (1e-3 left the caption loss flat).
+FULL = Budget(n_train=8000, n_val=800, clip_steps=130, clip_batch=32, clip_lr=5e-4, stage1_steps=40,
+              stage2_steps=90, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=200, n_exact=100)
+QUICK = Budget(n_train=2400, n_val=400, clip_steps=70, clip_batch=16, clip_lr=5e-4, stage1_steps=8,
+               stage2_steps=10, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=40, n_exact=20,
+               bench_images=1, bench_repeats=1)
 CLIP_MODELS = ("vit-tiny-16", "drip-tiny-16-4x", "drip-tiny-16-10x")
 LLAVA_TOWER = "drip-tiny-16-4x"
 
 
 def cpu_precision() -> str | None:
-    """LLaVA-stage precision on a CPU-only machine: bf16 where the CPU has bf16 matrix units (AMX / AVX512-BF16:
-    8x the fp32 matmul throughput measured on our 2-core Xeon, 2-3x faster LLaVA steps), fp32 elsewhere (bf16 is
-    emulated there, and slower). None with a GPU: the scripts' own defaults (bf16/fp16) apply."""
+    """Precision on a CPU-only machine: bf16 where the CPU has bf16 matrix units, fp32 elsewhere (bf16 is emulated
+    there, and slower). Measured on 2 cores: a Xeon with AMX, bf16 matmul 8x fp32 and LLaVA steps 2-3x faster; an
+    EPYC with AVX512-BF16, matmul 2.5x and CLIP steps 0.98 -> 0.78 s. None with a GPU: the scripts' own defaults."""
     import torch
 
     if torch.cuda.is_available():
@@ -76,13 +78,15 @@ class Demo:
         self.report = out / "report"
         self.results_path = out / "results.json"
         self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+        self.results["budget"] = asdict(budget)
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
                     "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
                     "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
 
     # ---- plumbing ------------------------------------------------------------------------------
-    def run(self, name: str, cmd: list, env: dict | None = None):
-        """Runs a command, its output shown live and kept in logs/NAME.log; a failure stops the demo with the log path."""
+    def run(self, name: str, cmd: list, env: dict | None = None, prefix: str = ""):
+        """Runs a command, its output shown live (each line after `prefix`) and kept in logs/NAME.log; a failure
+        stops the demo with the log path."""
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{name}.log"
         print(f"\n$ {' '.join(map(str, cmd))}", flush=True)
@@ -92,10 +96,20 @@ class Demo:
             for line in proc.stdout:
                 f.write(line)
                 if not self.quiet_line(line):
-                    sys.stdout.write(line)
+                    sys.stdout.write(prefix + line)
                     sys.stdout.flush()
         if proc.wait() != 0:
             raise SystemExit(f"demo: step '{name}' failed (exit {proc.returncode}); see {log}")
+
+    def run_parallel(self, jobs: list[tuple[str, list]]):
+        """Independent one-process jobs side by side, one per core (self.env gives each one thread): the eval's
+        answer generation is batch-1 decoding, small ops that use a second core better as a second process."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+            futures = [pool.submit(self.run, name, cmd, None, f"[{name}] ") for name, cmd in jobs]
+            for fut in futures:
+                fut.result()
 
     @staticmethod
     def quiet_line(line: str) -> bool:
@@ -136,7 +150,8 @@ class Demo:
                 "--batch-size", b.clip_batch, "--steps", b.clip_steps, "--lr", b.clip_lr,
                 "--warmup", max(5, b.clip_steps // 10), "--output", run, "--resume", "auto",
                 "--save-every", max(10, b.clip_steps // 3), "--log-every", "5",
-                "--zeroshot-dir", self.data / "imagefolder" / "val", "--classnames", self.data / "classnames.json"])
+                "--zeroshot-dir", self.data / "imagefolder" / "val", "--classnames", self.data / "classnames.json",
+                *(["--precision", "bf16"] if self.precision == "bf16" else [])])
             self.results.setdefault("clip", {})[preset] = summarize_clip_run(run)
             self.save()
 
@@ -148,12 +163,12 @@ class Demo:
     def boundaries(self):
         self.report.mkdir(parents=True, exist_ok=True)
         val = self.sample_images(4)
-        for preset in CLIP_MODELS[1:]:
-            tower = self.out / "clip" / preset / "vision_tower"
-            self.run(f"viz-{preset}", [PY, "-m", "drip_llava.vision.visualize", "--model", tower,
-                                       *sum((["--image", p] for p in val), []),
-                                       "--image", "example:astronaut", "--image", "example:coffee",
-                                       "--out", self.report / f"boundaries_{preset}.png"])
+        self.run_parallel([(f"viz-{preset}", [PY, "-m", "drip_llava.vision.visualize",
+                                              "--model", self.out / "clip" / preset / "vision_tower",
+                                              *sum((["--image", p] for p in val), []),
+                                              "--image", "example:astronaut", "--image", "example:coffee",
+                                              "--out", self.report / f"boundaries_{preset}.png"])
+                           for preset in CLIP_MODELS[1:]])
 
     def llm(self):
         code = "from drip_llava.model.embedded_llm import prepare_embedded_llm; print(prepare_embedded_llm())"
@@ -203,24 +218,26 @@ class Demo:
         self.run("sqa-convert", [PY, "-m", "drip_llava.eval.scienceqa", "convert", "--base-dir", sqa,
                                  "--split", "test", "--out", ev / "sqa_questions.jsonl"])
         blank = make_blank_images(sqa / "images" / "test", ev / "blank_images")
-        for tag, images in (("image", sqa / "images" / "test"), ("blank", blank)):
-            self.run(f"sqa-generate-{tag}", [PY, "-m", "drip_llava.eval.generate", *model,
-                                             "--question-file", ev / "sqa_questions.jsonl", "--image-folder", images,
-                                             "--answers-file", ev / f"sqa_answers_{tag}.jsonl", "--temperature", "0",
-                                             "--max-new-tokens", "8", *dtype])
+        # exact match on held-out short-answer questions (val images)
+        qfile = ev / "exact_questions.jsonl"
+        lines = (self.data / "llava" / "val_questions.jsonl").read_text().splitlines()[: self.b.n_exact]
+        qfile.write_text("\n".join(lines) + "\n")
+        generate = [PY, "-m", "drip_llava.eval.generate", *model, "--temperature", "0", *dtype]
+        tags = (("image", sqa / "images" / "test"), ("blank", blank))
+        self.run_parallel([(f"sqa-generate-{tag}", [*generate, "--question-file", ev / "sqa_questions.jsonl",
+                                                     "--image-folder", images, "--max-new-tokens", "8",
+                                                     "--answers-file", ev / f"sqa_answers_{tag}.jsonl"])
+                           for tag, images in tags] +
+                          [("exact-generate", [*generate, "--question-file", qfile, "--max-new-tokens", "16",
+                                               "--image-folder", self.data / "imagefolder",
+                                               "--answers-file", ev / "exact_answers.jsonl"])])
+        for tag, _ in tags:
             self.run(f"sqa-score-{tag}", [PY, "-m", "drip_llava.eval.scienceqa", "score", "--base-dir", sqa,
                                           "--result-file", ev / f"sqa_answers_{tag}.jsonl",
                                           "--output-file", ev / f"sqa_scored_{tag}.jsonl",
                                           "--output-result", ev / f"sqa_result_{tag}.json"])
             self.results.setdefault("scienceqa", {})[tag] = read_sqa_result(
                 ev / f"sqa_result_{tag}.json", ev / f"sqa_scored_{tag}.jsonl", sqa)
-        # exact match on held-out short-answer questions (val images)
-        qfile = ev / "exact_questions.jsonl"
-        lines = (self.data / "llava" / "val_questions.jsonl").read_text().splitlines()[: self.b.n_exact]
-        qfile.write_text("\n".join(lines) + "\n")
-        self.run("exact-generate", [PY, "-m", "drip_llava.eval.generate", *model, "--question-file", qfile,
-                                    "--image-folder", self.data / "imagefolder", "--answers-file",
-                                    ev / "exact_answers.jsonl", "--temperature", "0", "--max-new-tokens", "16", *dtype])
         self.results["exact_match"] = exact_match(qfile, ev / "exact_answers.jsonl")
         self.run("efficiency", [PY, "-m", "drip_llava.eval.efficiency", *model, "--images", "examples",
                                 "--json", ev / "efficiency.json"])
@@ -297,7 +314,7 @@ def exact_match(qfile: Path, afile: Path) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smaller budget (~7 minutes on 2 cores); what CI runs")
+    p.add_argument("--quick", action="store_true", help="smaller budget (~6.5 minutes on 2 cores); what CI runs")
     p.add_argument("--fresh", action="store_true", help="delete OUT and start over")
     p.add_argument("--out", default=None, help="output folder (default playground/demo, or playground/demo-quick)")
     p.add_argument("--stages", default=None, help="comma-separated subset of stages to run (default: all)")

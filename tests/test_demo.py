@@ -29,7 +29,7 @@ def test_quick_demo_runs_every_stage_and_learns(tmp_path):
         assert mean(losses[-3:]) < mean(losses[:3]), (name, losses)  # CLIP learns
     for name in clip:
         assert 0 <= clip[name]["zeroshot_top1"] <= 1
-    # DRIP-4x (the LLaVA tower) leaves the ln(batch) plateau within the QUICK budget (10.0% measured, chance
+    # DRIP-4x (the LLaVA tower) leaves the ln(batch) plateau within the QUICK budget (9.3% measured, chance
     # 2.5%); ViT-tiny leaves it later (scripts/compare_clip.py), so QUICK only reports it
     assert clip["drip-tiny-16-4x"]["zeroshot_top1"] >= 2 * 0.025, clip["drip-tiny-16-4x"]
     # achieved boundary rates near the targets (train, Gumbel) and fewer eval tokens for DRIP than ViT
@@ -37,16 +37,19 @@ def test_quick_demo_runs_every_stage_and_learns(tmp_path):
         assert abs(clip[name]["train_boundary_rate"] - target) <= 0.2 * target, (name, clip[name])
     assert clip["drip-tiny-16-10x"]["eval_tokens_per_img"] < clip["drip-tiny-16-4x"]["eval_tokens_per_img"] < 64
 
-    # stage 1 (15 steps of batch 8) is within its noise in the QUICK budget: it must run and save the projector
+    # stage 1 (a few steps of batch 8) is within its noise in the QUICK budget: it must run and save the projector
     # (tests/test_llava_train.py shows its loss falling); stage 2 learns the answer format fast
+    b = r["budget"]
     s1 = [l for _, l in r["stage1"]["losses"]]
-    assert len(s1) == 15 and all(0 < l < 20 for l in s1) and (out / "stage1" / "mm_projector.safetensors").exists()
+    assert len(s1) == b["stage1_steps"] and all(0 < l < 20 for l in s1)
+    assert (out / "stage1" / "mm_projector.safetensors").exists()
     s2 = [l for _, l in r["stage2"]["losses"]]
     assert mean(s2[-4:]) < 0.8 * mean(s2[:4]), s2
     sqa = r["scienceqa"]  # scored by the real ScienceQA scorer, with the image and with a blank control
-    for tag in ("image", "blank"):
-        assert sqa[tag]["n"] == 67 and 0 <= sqa[tag]["acc"] <= 100 and sqa[tag]["img_acc"] is not None
-    assert 0 < sqa["image"]["chance"] < 50 and r["exact_match"]["n"] == 30
+    for tag in ("image", "blank"):  # n_eval image questions plus ~1/9 text-only ones
+        assert sqa[tag]["n"] == b["n_eval"] + round(b["n_eval"] / 9), sqa[tag]
+        assert 0 <= sqa[tag]["acc"] <= 100 and sqa[tag]["img_acc"] is not None
+    assert 0 < sqa["image"]["chance"] < 50 and r["exact_match"]["n"] == b["n_exact"]
     prefill = r["prefill"]  # ViT, DRIP-4x, DRIP-10x towers in front of the embedded LLM
     assert prefill[0]["visual_tokens_mean"] == 64
     assert prefill[2]["visual_tokens_mean"] < prefill[1]["visual_tokens_mean"] < 64
