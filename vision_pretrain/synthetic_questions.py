@@ -314,24 +314,18 @@ def pretrain_records(records: list[dict], seed: int) -> list[dict]:
     return out
 
 
-# Stage-2 conversation shape: turns per image, share of multiple-choice turns, share of images with a description.
-CONV_TURNS = (2, 4)
-CONV_MC_FRAC = 0.35
-CONV_DESCRIBE_FRAC = 0.15
-
-
 def conversation(scene: dict, rng: random.Random) -> list[dict]:
-    """CONV_TURNS question/answer turns (some multiple choice, sometimes a description); <image> in turn 1."""
+    """2-4 question/answer turns (some multiple choice, sometimes a description); <image> in turn 1."""
     turns, used = [], set()
-    n_turns = rng.randint(*CONV_TURNS)
-    describe_at = rng.randrange(n_turns) if rng.random() < CONV_DESCRIBE_FRAC else -1
+    n_turns = rng.randint(2, 4)
+    describe_at = rng.randrange(n_turns) if rng.random() < 0.15 else -1
     for t in range(n_turns):
         if t == describe_at:
             q, a = rng.choice(PRETRAIN_INSTRUCTIONS), caption(scene, rng)
         else:
             item, name = _ask(CONV_QUESTIONS, scene, rng, exclude=used)
             used.add(name)
-            q, a = _turn(item, rng, mc=rng.random() < CONV_MC_FRAC)
+            q, a = _turn(item, rng, mc=rng.random() < 0.35)
         turns += [{"from": "human", "value": ("<image>\n" + q) if t == 0 else q}, {"from": "gpt", "value": a}]
     return turns
 
