@@ -69,4 +69,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from drip_llava.distributed import exit_after_main
+
+    exit_after_main(main)

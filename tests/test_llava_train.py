@@ -208,6 +208,21 @@ def run(cmd, env, cwd, log):
         raise AssertionError(f"{' '.join(map(str, cmd[:6]))} ... failed ({proc.returncode}):\n{tail}")
 
 
+def test_exit_after_main_flushes_and_keeps_exit_codes(tmp_path):
+    """Launcher entry points skip interpreter teardown after success (drip_llava/distributed.py): buffered output
+    and log lines must still arrive, and a failing main must still exit non-zero."""
+    code = ("import logging, sys; from drip_llava.distributed import exit_after_main\n"
+            "logging.basicConfig(stream=sys.stdout, level=logging.INFO)\n"
+            "def main():\n    print('buffered', end='')\n    logging.getLogger('x').info('logged')\n"
+            "    if sys.argv[1] == 'fail':\n        raise RuntimeError('boom')\n"
+            "exit_after_main(main)\n")
+    env = dict(os.environ, WORLD_SIZE="2")
+    ok = subprocess.run([sys.executable, "-c", code, "ok"], env=env, capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0 and "buffered" in ok.stdout and "logged" in ok.stdout, ok.stderr
+    bad = subprocess.run([sys.executable, "-c", code, "fail"], env=env, capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 1 and "boom" in bad.stderr
+
+
 @pytest.fixture(scope="module")
 def stage1_runs(tiny_llm_dir, tiny_drip_dir, data_dir, tmp_path_factory):
     """`deepspeed --num_gpus 2 scripts/pretrain_projector.py` under ZeRO-2 and ZeRO-3 (same data, same seed)."""

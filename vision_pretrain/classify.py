@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_model
 from torch import nn
 
+from drip_llava.distributed import exit_after_main
 from drip_llava.vision import DripVisionModel
 
 from .checkpoint import export_atomic
@@ -154,4 +155,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    exit_after_main(main)

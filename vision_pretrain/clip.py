@@ -19,6 +19,7 @@ import open_clip
 import torch
 from open_clip.loss import ClipLoss
 
+from drip_llava.distributed import exit_after_main
 from drip_llava.vision import DripVisionModel
 
 from . import zeroshot
@@ -118,4 +119,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    exit_after_main(main)

@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from drip_llava.distributed import end_process_group
+
 
 @dataclass
 class DistInfo:
@@ -54,9 +56,8 @@ def init_distributed(device: str | None = None, timeout_s: int = 1800) -> DistIn
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.distributed and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if info.distributed:
+        end_process_group()
 
 
 def barrier(info: DistInfo) -> None:

@@ -18,6 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.dataset import (DataCollatorForSupervisedDataset, ImageLoader, LazySupervisedDataset, VisualTokenBudget,
                             compute_image_token_counts, load_llava_json, load_or_compute_counts, tower_fingerprint)
+from ..distributed import end_process_group, exit_after_main
 from .params import args_to_json, parse_args, resolve_recipe
 from .recipes import describe_trainable, gathered, get_recipe
 from .trainer import DripLlavaTrainer, MetricsJsonlCallback, RecipeCheckpointCallback
@@ -165,14 +166,5 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return summary
 
 
-def end_process_group() -> None:
-    """Leave the process group on every rank together: with gloo, a rank that reaches interpreter exit while its
-    communication threads still run aborts ("terminate called without an active exception", exit -6) and the
-    launcher then fails a finished run."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    exit_after_main(main)

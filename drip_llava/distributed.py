@@ -1,0 +1,46 @@
+"""Ending a multi-process run (torchrun or the deepspeed launcher) so that a finished run is reported as finished.
+
+On CPU (gloo), a rank can abort while its interpreter shuts down, after all its work is written: a gloo worker
+thread that still owns the last reference to a tensor of an async collective needs the GIL to free it, and a
+thread asking for the GIL during interpreter finalization is stopped inside C++ code that cannot unwind
+("terminate called without an active exception", exit -6). The launcher then kills the other ranks and fails
+the run. `destroy_process_group()` is not enough: DeepSpeed (ZeRO-3's parameter groups) and accelerate keep their
+own references to the groups, so the C++ objects and their threads outlive it. Seen in CI on ZeRO-3 stage 1
+(about one run in several). Launcher entry points therefore end with `exit_after_main`: once `main` has returned
+on a multi-process run, flush, then leave without interpreter teardown.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+import torch.distributed as dist
+
+
+def end_process_group() -> None:
+    """Leave the process group on every rank together (only after success: after one rank crashed, a barrier
+    would just hang the others)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def launched_multiprocess() -> bool:
+    """True under torchrun / the deepspeed launcher with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def exit_after_main(main: Callable[[], Any]) -> None:
+    """Run a launcher entry point; on a multi-process run that returned, leave the group, flush and `os._exit(0)`
+    so that teardown cannot fail the finished run. Exceptions propagate as usual (non-zero exit); single-process
+    runs exit normally."""
+    main()
+    if not launched_multiprocess():
+        return
+    end_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
