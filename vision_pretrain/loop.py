@@ -94,8 +94,10 @@ def fit(task: Task, targs: TrainArgs, info: DistInfo) -> dict:
     n_epochs = -(-total // spe)
     model = task.model.to(info.device)
 
+    # fused: one kernel per step instead of a dozen passes over every parameter; measured 7x faster on one CPU
+    # core for the tiny CLIP's 19M parameters (0.28 -> 0.04 s, most of them the text tower's token embedding)
     optimizer = torch.optim.AdamW(param_groups(model, targs.wd), lr=targs.lr, betas=(targs.beta1, targs.beta2),
-                                  eps=targs.eps)
+                                  eps=targs.eps, fused=info.device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(targs.schedule, targs.warmup, total))
     use_scaler = targs.precision == "amp" and info.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
