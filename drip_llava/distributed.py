@@ -5,9 +5,10 @@ thread that still owns the last reference to a tensor of an async collective nee
 thread asking for the GIL during interpreter finalization is stopped inside C++ code that cannot unwind
 ("terminate called without an active exception", exit -6). The launcher then kills the other ranks and fails
 the run. `destroy_process_group()` is not enough: DeepSpeed (ZeRO-3's parameter groups) and accelerate keep their
-own references to the groups, so the C++ objects and their threads outlive it. Seen in CI on ZeRO-3 stage 1
-(about one run in several). Launcher entry points therefore end with `exit_after_main`: once `main` has returned
-on a multi-process run, flush, then leave without interpreter teardown.
+own references to the groups, so the C++ objects and their threads outlive it. Seen twice in CI on ZeRO-3
+stage 1 (0 of 15 runs on a slower machine here: timing-dependent). Launcher entry points therefore end with
+`exit_after_main`: once `main` has returned on a multi-process run, flush, then leave without interpreter
+teardown.
 """
 from __future__ import annotations
 

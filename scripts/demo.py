@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -67,6 +68,13 @@ def cpu_precision() -> str | None:
     if torch.cuda.is_available():
         return None
     return "bf16" if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported() else "fp32"
+
+
+def free_port() -> int:
+    """A port free now, for a launcher's rendezvous: fixed ports collide with a second demo or a leftover run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Demo:
@@ -145,7 +153,7 @@ class Demo:
         for preset in CLIP_MODELS:
             run = self.out / "clip" / preset
             self.run(f"clip-{preset}", [
-                BIN / "torchrun", "--nproc_per_node", "2", "--master_port", "29533", "-m", "vision_pretrain.clip",
+                BIN / "torchrun", "--nproc_per_node", "2", "--master_port", free_port(), "-m", "vision_pretrain.clip",
                 "--train-data", shard_spec(self.data, "train"), "--model", preset, "--text-model", "tiny",
                 "--batch-size", b.clip_batch, "--steps", b.clip_steps, "--lr", b.clip_lr,
                 "--warmup", max(5, b.clip_steps // 10), "--output", run, "--resume", "auto",
@@ -182,7 +190,7 @@ class Demo:
     def stage1(self):
         b = self.b
         self.run("stage1", [
-            BIN / "deepspeed", "--num_gpus", "2", "--master_port", "29534", "scripts/pretrain_projector.py",
+            BIN / "deepspeed", "--num_gpus", "2", "--master_port", free_port(), "scripts/pretrain_projector.py",
             "--model_name_or_path", self.llm_dir, "--vision_tower", self.out / "clip" / LLAVA_TOWER / "vision_tower",
             "--version", "plain", "--data_path", self.data / "llava" / "pretrain.json",
             "--image_folder", self.data / "imagefolder", "--mm_projector_type", "mlp2x_gelu",
@@ -198,7 +206,8 @@ class Demo:
         env = dict(MODEL=self.llm_dir, VISION_TOWER=str(self.out / "clip" / LLAVA_TOWER / "vision_tower"),
                    PRETRAIN_ADAPTER=str(self.out / "stage1" / "mm_projector.safetensors"),
                    DATA_PATH=str(self.data / "llava" / "instruct.json"), IMAGE_FOLDER=str(self.data / "imagefolder"),
-                   OUTPUT_DIR=str(self.out / "stage2"), VERSION="chat_template", NUM_GPUS="2", MASTER_PORT="29535",
+                   OUTPUT_DIR=str(self.out / "stage2"), VERSION="chat_template", NUM_GPUS="2",
+                   MASTER_PORT=str(free_port()),
                    DS_CONFIG=str(ROOT / "scripts" / "zero2.json"), PER_DEVICE_BATCH=str(b.llava_batch),
                    GLOBAL_BATCH=str(2 * b.llava_batch), MAX_STEPS=str(b.stage2_steps),
                    SAVE_STEPS=str(max(10, b.stage2_steps // 2)), LR=str(b.stage2_lr), MM_PROJECTOR_LR=str(b.stage1_lr / 5),
