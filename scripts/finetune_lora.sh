@@ -23,6 +23,7 @@
 #   EPOCHS [1]  MAX_STEPS [-1 = by epochs]  SAVE_STEPS [50000]  SAVE_TOTAL_LIMIT [1]  LOGGING_STEPS [1]
 #   LR [2e-4]  MM_PROJECTOR_LR [2e-5]  LORA_R [128]  LORA_ALPHA [256]  LORA_DROPOUT [0.05]
 #   MODEL_MAX_LENGTH [2048]  GRAD_CKPT [True]  NUM_WORKERS [4]  IMAGE_ASPECT_RATIO [pad]
+#   PROJECTOR_TYPE     as stage 1 trained it (PRETRAIN_ADAPTER's metadata names it)   [mlp2x_gelu]
 #   RESUME             auto (continue from the last OUTPUT_DIR/checkpoint-N if any) | True | PATH | False   [auto]
 #   REPORT_TO [none]   PYTHON [python]   DEEPSPEED [deepspeed]
 #
@@ -95,7 +96,7 @@ exec "$DEEPSPEED" --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT" --module d
     --image_folder "$IMAGE_FOLDER" \
     --vision_tower "$VISION_TOWER" \
     "${ADAPTER_ARGS[@]}" \
-    --mm_projector_type mlp2x_gelu \
+    --mm_projector_type "${PROJECTOR_TYPE:-mlp2x_gelu}" \
     --mm_vision_select_layer -2 \
     --image_aspect_ratio "$IMAGE_ASPECT_RATIO" \
     --group_by_modality_length True \
