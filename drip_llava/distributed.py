@@ -34,13 +34,12 @@ def launched_multiprocess() -> bool:
 
 
 def exit_after_main(main: Callable[[], Any]) -> None:
-    """Run a launcher entry point; on a multi-process run that returned, leave the group, flush and `os._exit(0)`
-    so that teardown cannot fail the finished run. Exceptions propagate as usual (non-zero exit); single-process
-    runs exit normally."""
+    """Run a launcher entry point; on a multi-process run that returned, flush and `os._exit(0)` so that teardown
+    cannot fail the finished run. `main` has already left the group (every entry point ends with
+    `end_process_group`). Exceptions propagate as usual (non-zero exit); single-process runs exit normally."""
     main()
     if not launched_multiprocess():
         return
-    end_process_group()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
