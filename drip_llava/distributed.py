@@ -1,4 +1,5 @@
-"""Ending a multi-process run (torchrun or the deepspeed launcher) so that a finished run is reported as finished.
+"""Multi-process runs (torchrun or the deepspeed launcher): a free rendezvous port, and an ending that reports a
+finished run as finished.
 
 On CPU (gloo), a rank can abort while its interpreter shuts down, after all its work is written: a gloo worker
 thread that still owns the last reference to a tensor of an async collective needs the GIL to free it, and a
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from typing import Any, Callable
 
@@ -26,6 +28,14 @@ def end_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a launcher's rendezvous: fixed ports collide with a second run or a
+    leftover one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launched_multiprocess() -> bool:

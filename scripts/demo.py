@@ -3,9 +3,9 @@
     python scripts/demo.py [--quick] [--fresh] [--out playground/demo]     (what `make demo [QUICK=1]` runs)
 
 Stages (each runs the same command a user would type, and is skipped on a rerun when its output is complete):
-  data -> clip (ViT-tiny, DRIP-tiny-4x with torchrun x2; DRIP-tiny-10x) -> boundaries -> llm -> stage1 (deepspeed,
-  zero2) -> stage2 (scripts/finetune_lora.sh) -> eval (ScienceQA-format MC, blank-image control, exact match,
-  efficiency) -> report (REPORT.md + PNG plots). Results land in OUT/results.json, which the QUICK test asserts on.
+  data -> clip (ViT-tiny, DRIP-tiny-4x with torchrun x2; DRIP-tiny-10x) -> boundaries -> probe (what the towers'
+  LLaVA tokens encode) -> llm -> stage1 (deepspeed, zero2) -> stage2 (scripts/finetune_lora.sh) -> eval
+  (ScienceQA-format MC, blank-image control, exact match, efficiency) -> report (REPORT.md + PNG plots). Results land in OUT/results.json, which the QUICK test asserts on.
 """
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from drip_llava.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -42,6 +43,7 @@ class Budget:
     n_exact: int  # held-out short-answer questions
     bench_images: int = 6  # val images (plus 2 photos) in the prefill benchmark
     bench_repeats: int = 3  # timed runs per image (median)
+    probe_images: tuple = (800, 400)  # train / val images of the attribute probes
 
 
 # Calibrated on 2 cores: tiny CLIP towers start on a loss plateau (~ln(batch)); DRIP leaves it after ~35 steps,
@@ -54,7 +56,7 @@ FULL = Budget(n_train=8000, n_val=800, clip_steps=130, clip_batch=32, clip_lr=5e
               stage2_steps=90, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=200, n_exact=100)
 QUICK = Budget(n_train=2400, n_val=400, clip_steps=70, clip_batch=16, clip_lr=5e-4, stage1_steps=8,
                stage2_steps=10, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=40, n_exact=20,
-               bench_images=1, bench_repeats=1)
+               bench_images=1, bench_repeats=1, probe_images=(400, 200))
 CLIP_MODELS = ("vit-tiny-16", "drip-tiny-16-4x", "drip-tiny-16-10x")
 LLAVA_TOWER = "drip-tiny-16-4x"
 
@@ -69,12 +71,6 @@ def cpu_precision() -> str | None:
         return None
     return "bf16" if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported() else "fp32"
 
-
-def free_port() -> int:
-    """A port free now, for a launcher's rendezvous: fixed ports collide with a second demo or a leftover run."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Demo:
@@ -177,6 +173,25 @@ class Demo:
                                               "--image", "example:astronaut", "--image", "example:coffee",
                                               "--out", self.report / f"boundaries_{preset}.png"])
                            for preset in CLIP_MODELS[1:]])
+
+    def probe(self):
+        """What the LLaVA tokens of each trained tower (and of an untrained DRIP-4x) encode: the image reading the
+        LLM can learn at best, before spending the LLaVA stages on it. Two processes, one per core."""
+        n_train, n_val = self.b.probe_images
+        towers = {p: str(self.out / "clip" / p / "vision_tower") for p in CLIP_MODELS}
+        towers[f"{LLAVA_TOWER} (untrained)"] = LLAVA_TOWER  # a preset name: random weights
+        names = list(towers)
+        jobs = [names[0::2], names[1::2]]
+        ev = self.out / "eval"
+        ev.mkdir(parents=True, exist_ok=True)
+        self.run_parallel([(f"probe-{i}", [PY, "-m", "vision_pretrain.attribute_probe",
+                                           "--towers", ",".join(towers[n] for n in job), "--n-train", n_train,
+                                           "--n-val", n_val, "--epochs", "15", "--json", ev / f"probe-{i}.json"])
+                           for i, job in enumerate(jobs)])
+        found = {}
+        for i in range(len(jobs)):
+            found.update(json.loads((ev / f"probe-{i}.json").read_text()))
+        self.results["probe"] = {n: found[towers[n]] for n in names}
 
     def llm(self):
         code = "from drip_llava.model.embedded_llm import prepare_embedded_llm; print(prepare_embedded_llm())"
@@ -337,8 +352,8 @@ def main(argv=None):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     demo = Demo(out, QUICK if args.quick else FULL, args.quick)
-    stages = [("data", demo.make_data), ("clip", demo.clip), ("boundaries", demo.boundaries), ("llm", demo.llm),
-              ("stage1", demo.stage1), ("stage2", demo.stage2), ("eval", demo.evaluate),
+    stages = [("data", demo.make_data), ("clip", demo.clip), ("boundaries", demo.boundaries), ("probe", demo.probe),
+              ("llm", demo.llm), ("stage1", demo.stage1), ("stage2", demo.stage2), ("eval", demo.evaluate),
               ("report", demo.write_report)]
     wanted = set(args.stages.split(",")) if args.stages else None
     t0 = time.time()

@@ -94,6 +94,23 @@ def plot_tokens(rows: list, path: Path):
     plt.close(fig)
 
 
+def probe_section(probe: dict | None) -> list[str]:
+    """What each tower's LLaVA tokens encode (vision_pretrain.attribute_probe): the reading the LLM can learn at best."""
+    if not probe:
+        return []
+    attrs = [k for k in next(iter(probe.values())) if k != "tokens_per_image"]
+    L = ["## 2b. What the LLaVA tokens encode (attribute probes)", "",
+         "Val accuracy % of a linear probe on the mean-pooled tokens / an attention-pooling probe, fitted on train "
+         "images (`python -m vision_pretrain.attribute_probe`); majority class in brackets. An attribute at chance "
+         "here cannot be read by the LLM either, whatever the LLaVA recipe.", "",
+         "| tower | tokens/img | " + " | ".join(f"{a} of largest" if a in ("colour", "shape", "cell") else a
+                                                for a in attrs) + " |", "|---|---|" + "---|" * len(attrs)]
+    for name, r in probe.items():
+        L.append(f"| {name} | {r['tokens_per_image']} | " +
+                 " | ".join(f"{r[a]['mean']} / {r[a]['attn']} ({r[a]['chance']})" for a in attrs) + " |")
+    return L + [""]
+
+
 def write_report(out: Path, results: dict, budget: dict, quick: bool):
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
@@ -116,6 +133,8 @@ def write_report(out: Path, results: dict, budget: dict, quick: bool):
     L += ["## 2. Boundaries (what DRIP pooled)", ""]
     for p in sorted(rep.glob("boundaries_*.png")):
         L += [f"![{p.stem}](report/{p.name})", ""]
+
+    L += probe_section(results.get("probe"))
 
     s1, s2 = results.get("stage1", {}), results.get("stage2", {})
     L += ["## 3. LLaVA stages (DRIP-tiny-16-4x tower, SmolLM2-135M-Instruct)", "",

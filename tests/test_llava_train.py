@@ -5,7 +5,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
+
+from drip_llava.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -186,12 +187,6 @@ def test_main_smoke_stage1_in_process(tiny_llm_dir, tiny_drip_dir, data_dir, tmp
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed runs
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ds_env(**extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu",
                TOKENIZERS_PARALLELISM="false", PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")

@@ -1,12 +1,12 @@
 """DRIP encoder: the properties every consumer relies on (batch invariance, gradients, masks, rates, import)."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from drip_llava.distributed import free_port
 from drip_llava.vision import DripVisionConfig, DripVisionModel, get_preset_config, list_presets
 
 TINY = [p for p in list_presets() if "tiny" in p]
@@ -216,12 +216,6 @@ def test_open_clip_import_matches_open_clip_visual():
     assert (ref - plain).abs().max() <= 1e-4
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, result):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -246,5 +240,5 @@ def _ddp_worker(rank, world, port, result):
 def test_ddp_two_ranks_with_different_segment_counts():
     ctx = mp.get_context("spawn")
     result = ctx.Manager().dict()
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), result), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, free_port(), result), nprocs=2, join=True, start_method="spawn")
     assert result[0][1] == 0.0 and result[1][1] == 0.0  # parameters stay in sync
