@@ -338,7 +338,7 @@ def exact_match(qfile: Path, afile: Path) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smaller budget (~6.5 minutes on 2 cores); what CI runs")
+    p.add_argument("--quick", action="store_true", help="smaller budget (~7 minutes on 2 cores); what CI runs")
     p.add_argument("--fresh", action="store_true", help="delete OUT and start over")
     p.add_argument("--out", default=None, help="output folder (default playground/demo, or playground/demo-quick)")
     p.add_argument("--stages", default=None, help="comma-separated subset of stages to run (default: all)")
