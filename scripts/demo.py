@@ -5,7 +5,8 @@
 Stages (each runs the same command a user would type, and is skipped on a rerun when its output is complete):
   data -> clip (ViT-tiny, DRIP-tiny-4x with torchrun x2; DRIP-tiny-10x) -> boundaries -> probe (what the towers'
   LLaVA tokens encode) -> llm -> stage1 (deepspeed, zero2) -> stage2 (scripts/finetune_lora.sh) -> eval
-  (ScienceQA-format MC, blank-image control, exact match, efficiency) -> report (REPORT.md + PNG plots). Results land in OUT/results.json, which the QUICK test asserts on.
+  (ScienceQA-format MC, blank-image control, exact match, efficiency) -> report (REPORT.md + PNG plots). Results
+  land in OUT/results.json, which the QUICK test asserts on.
 """
 from __future__ import annotations
 
@@ -70,7 +71,6 @@ def cpu_precision() -> str | None:
     if torch.cuda.is_available():
         return None
     return "bf16" if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported() else "fp32"
-
 
 
 class Demo:

@@ -95,20 +95,17 @@ def plot_tokens(rows: list, path: Path):
 
 
 def probe_section(probe: dict | None) -> list[str]:
-    """What each tower's LLaVA tokens encode (vision_pretrain.attribute_probe): the reading the LLM can learn at best."""
+    """What each tower's LLaVA tokens encode (vision_pretrain.attribute_probe): the reading the LLM can learn at
+    best."""
     if not probe:
         return []
-    attrs = [k for k in next(iter(probe.values())) if k != "tokens_per_image"]
-    L = ["## 2b. What the LLaVA tokens encode (attribute probes)", "",
-         "Val accuracy % of a linear probe on the mean-pooled tokens / an attention-pooling probe, fitted on train "
-         "images (`python -m vision_pretrain.attribute_probe`); majority class in brackets. An attribute at chance "
-         "here cannot be read by the LLM either, whatever the LLaVA recipe.", "",
-         "| tower | tokens/img | " + " | ".join(f"{a} of largest" if a in ("colour", "shape", "cell") else a
-                                                for a in attrs) + " |", "|---|---|" + "---|" * len(attrs)]
-    for name, r in probe.items():
-        L.append(f"| {name} | {r['tokens_per_image']} | " +
-                 " | ".join(f"{r[a]['mean']} / {r[a]['attn']} ({r[a]['chance']})" for a in attrs) + " |")
-    return L + [""]
+    from vision_pretrain.attribute_probe import markdown_table
+
+    return ["## 2b. What the LLaVA tokens encode (attribute probes)", "",
+            "Val accuracy % of a linear probe on the mean-pooled tokens / an attention-pooling probe, fitted on train "
+            "images (`python -m vision_pretrain.attribute_probe`); majority class in brackets. Colour, shape and cell "
+            "are those of the largest shape. An attribute at chance here cannot be read by the LLM either, whatever "
+            "the LLaVA recipe.", "", *markdown_table(probe), ""]
 
 
 def write_report(out: Path, results: dict, budget: dict, quick: bool):

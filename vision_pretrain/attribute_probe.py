@@ -61,6 +61,8 @@ class AttnProbe(nn.Module):
 
 
 class MeanProbe(nn.Module):
+    """A linear classifier on the mean of the real (unmasked) tokens."""
+
     def __init__(self, dim: int, n_classes: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
@@ -72,7 +74,7 @@ class MeanProbe(nn.Module):
 
 
 def fit(probe: nn.Module, train, val, y_train, y_val, epochs: int, lr: float = 3e-3) -> float:
-    """Full-batch-ish AdamW training; returns val accuracy in percent."""
+    """AdamW on minibatches of 256 (seeded: the same numbers every run); returns val accuracy in percent."""
     torch.manual_seed(0)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-2)
     n = len(y_train)
@@ -102,6 +104,16 @@ def probe_tower(spec: str, args) -> dict:
     return row
 
 
+def markdown_table(results: dict) -> list[str]:
+    """Rows of a markdown table, one tower per row: val accuracy % mean / attn probe, majority class in brackets."""
+    rows = ["| tower | tokens/img | " + " | ".join(f"{a} (mean / attn, chance)" for a in ATTRIBUTES) + " |",
+            "|---|---|" + "---|" * len(ATTRIBUTES)]
+    for name, r in results.items():
+        cells = [f"{r[a]['mean']} / {r[a]['attn']} ({r[a]['chance']})" for a in ATTRIBUTES]
+        rows.append(f"| {name} | {r['tokens_per_image']} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--towers", required=True, help="comma-separated DripVisionModel folders or preset names")
@@ -113,11 +125,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
     results = {spec: probe_tower(spec, args) for spec in args.towers.split(",")}
-    print("| tower | tokens/img | " + " | ".join(f"{a} mean / attn (chance)" for a in ATTRIBUTES) + " |")
-    print("|---|---|" + "---|" * len(ATTRIBUTES))
-    for spec, r in results.items():
-        cells = [f"{r[a]['mean']} / {r[a]['attn']} ({r[a]['chance']})" for a in ATTRIBUTES]
-        print(f"| {spec} | {r['tokens_per_image']} | " + " | ".join(cells) + " |")
+    print("\n".join(markdown_table(results)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
