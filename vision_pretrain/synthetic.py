@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 2  # 2: stage-1 JSON carries the short alt text
+FORMAT_VERSION = 3  # 2: stage-1 JSON carries the short alt text; 3: held-out val_pretrain/val_instruct JSON
 
 # Saturated, well-separated object colours (name -> RGB).
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -412,6 +412,9 @@ def generate(out_dir, n_train: int, n_val: int, image_size: int = 128, seed: int
     pretrain, instruct = sq.pretrain_records(train, seed), sq.instruct_records(train, seed)
     (llava / "pretrain.json").write_text(json.dumps(pretrain, indent=1))
     (llava / "instruct.json").write_text(json.dumps(instruct, indent=1))
+    # the same conversations on val images: held-out data for drip_llava.eval.image_use
+    (llava / "val_pretrain.json").write_text(json.dumps(sq.pretrain_records(val, seed), indent=1))
+    (llava / "val_instruct.json").write_text(json.dumps(sq.instruct_records(val, seed, text_only_frac=0.0), indent=1))
     val_questions = sq.short_answer_questions(val, seed)
     _write_jsonl(llava / "val_questions.jsonl", val_questions)
     problems, pid_splits = sq.scienceqa_problems(val[:n_sqa], seed, sqa_pid)

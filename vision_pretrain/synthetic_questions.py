@@ -512,6 +512,8 @@ Files (all written from the same scene descriptions):
 - `llava/pretrain.json`: LLaVA stage 1, image + short caption (the alt text) ({c['llava_pretrain']} records).
 - `llava/instruct.json`: LLaVA stage 2, 2-4 turn Q&A per train image (some multiple choice), plus ~5%
   text-only context questions ({c['llava_instruct']} records).
+- `llava/val_pretrain.json`, `llava/val_instruct.json`: the same two formats on the val images (held out;
+  `python -m drip_llava.eval.image_use` measures on them whether a model reads the image).
 - `llava/val_questions.jsonl`: held-out short-answer questions on the val split with the exact `answer`
   ({c['llava_val_questions']}).
 - `scienceqa/problems.json`, `pid_splits.json`, `images/test/<pid>/image.png`: ScienceQA format from the
@@ -519,6 +521,6 @@ Files (all written from the same scene descriptions):
 - `llavabench/questions.jsonl`, `answers_gpt4.jsonl`, `context.jsonl`, `rule.json`, `images/`: LLaVA-Bench
   format ({c['llavabench_questions']} questions).
 
-The image folder for both LLaVA JSON files is `imagefolder/`. `meta.json` holds the arguments and counts;
+The image folder for all LLaVA JSON files is `imagefolder/`. `meta.json` holds the arguments and counts;
 rerunning with the same arguments reuses this directory.
 """
