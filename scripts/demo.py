@@ -45,6 +45,9 @@ class Budget:
     bench_images: int = 6  # val images (plus 2 photos) in the prefill benchmark
     bench_repeats: int = 3  # timed runs per image (median)
     probe_images: tuple = (800, 400)  # train / val images of the attribute probes
+    # held-out conversations of the image-use check (loss with right / wrong / blank image); 0 = skip (QUICK: its
+    # 10 stage-2 steps cannot read, and the check costs ~40 s there)
+    n_image_use: int = 48
 
 
 # Calibrated on 2 cores: tiny CLIP towers start on a loss plateau (~ln(batch)); DRIP leaves it after ~35 steps,
@@ -52,12 +55,13 @@ class Budget:
 # AMX: LLaVA steps 4.3-4.9 s, CLIP steps 0.85-1.1 s in bf16; on a Xeon with AMX, 2.3 s and ~0.65 s). Measured there:
 # FULL 19.5 min, zero-shot top-1 ViT 9.8%, DRIP-4x 9.6%, DRIP-10x 8.4% (chance 2.5%); QUICK 6.5 min, DRIP-4x 9.3%
 # at 70 CLIP steps (5.3% at 60: too close to the QUICK test's 5% floor). Stage-1 lr 1e-2: tens of steps instead of
-# LLaVA's ~2000 (1e-3 left the caption loss flat).
+# LLaVA's ~2000 (1e-3 left the caption loss flat). Stage 2: 70 steps (90 until session 7): its loss has fallen
+# from ~3.4 to ~1 by step 45, and no stage-2 run we made in this budget read the image (eval.image_use gap ~0).
 FULL = Budget(n_train=8000, n_val=800, clip_steps=130, clip_batch=32, clip_lr=5e-4, stage1_steps=40,
-              stage2_steps=90, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=200, n_exact=100)
+              stage2_steps=70, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=200, n_exact=100)
 QUICK = Budget(n_train=2400, n_val=400, clip_steps=70, clip_batch=16, clip_lr=5e-4, stage1_steps=8,
                stage2_steps=10, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=40, n_exact=20,
-               bench_images=1, bench_repeats=1, probe_images=(400, 200))
+               bench_images=1, bench_repeats=1, probe_images=(400, 200), n_image_use=0)
 CLIP_MODELS = ("vit-tiny-16", "drip-tiny-16-4x", "drip-tiny-16-10x")
 LLAVA_TOWER = "drip-tiny-16-4x"
 
@@ -213,6 +217,7 @@ class Demo:
             "--per_device_train_batch_size", b.llava_batch, "--max_steps", b.stage1_steps,
             "--learning_rate", b.stage1_lr, "--model_max_length", "256", "--dataloader_num_workers", "0",
             "--save_steps", max(10, b.stage1_steps // 2), "--resume_from_checkpoint", "auto",
+            "--gradient_checkpointing", "False",  # LLaVA's default saves GPU memory; here it only costs ~25% time
             *([] if self.precision is None else ["--use_cpu", "True", "--bf16", str(self.precision == "bf16")])])
         self.results["stage1"] = summarize_hf_log(self.out / "stage1")
 
@@ -248,13 +253,25 @@ class Demo:
         qfile.write_text("\n".join(lines) + "\n")
         generate = [PY, "-m", "drip_llava.eval.generate", *model, "--temperature", "0", *dtype]
         tags = (("image", sqa / "images" / "test"), ("blank", blank))
+        # does each LLaVA stage read the image? answer loss on held-out conversations, right vs wrong image
+        image_use = {stage: [PY, "-m", "drip_llava.eval.image_use", "--model-path", self.out / stage,
+                             "--model-base", self.llm_dir, "--data-path", self.data / "llava" / data,
+                             "--image-folder", self.data / "imagefolder", "--n", self.b.n_image_use, "--batch-size", "8",
+                             *dtype,
+                             "--json", ev / f"image_use_{stage}.json"]
+                     for stage, data in (("stage1", "val_pretrain.json"), ("stage2", "val_instruct.json"))
+                     if self.b.n_image_use}
         self.run_parallel([(f"sqa-generate-{tag}", [*generate, "--question-file", ev / "sqa_questions.jsonl",
                                                      "--image-folder", images, "--max-new-tokens", "8",
                                                      "--answers-file", ev / f"sqa_answers_{tag}.jsonl"])
                            for tag, images in tags] +
                           [("exact-generate", [*generate, "--question-file", qfile, "--max-new-tokens", "16",
                                                "--image-folder", self.data / "imagefolder",
-                                               "--answers-file", ev / "exact_answers.jsonl"])])
+                                               "--answers-file", ev / "exact_answers.jsonl"])] +
+                          [(f"image-use-{stage}", cmd) for stage, cmd in image_use.items()])
+        if image_use:
+            self.results["image_use"] = {stage: json.loads((ev / f"image_use_{stage}.json").read_text())
+                                         for stage in image_use}
         for tag, _ in tags:
             self.run(f"sqa-score-{tag}", [PY, "-m", "drip_llava.eval.scienceqa", "score", "--base-dir", sqa,
                                           "--result-file", ev / f"sqa_answers_{tag}.jsonl",

@@ -108,6 +108,21 @@ def probe_section(probe: dict | None) -> list[str]:
             "the LLaVA recipe.", "", *markdown_table(probe), ""]
 
 
+def image_use_section(image_use: dict | None) -> list[str]:
+    if not image_use:
+        return []
+    L = ["Does each stage read the image? Answer loss (nats/token, teacher-forced) on held-out val conversations "
+         "with each sample's own image, with another sample's, and with a blank one "
+         "(`python -m drip_llava.eval.image_use`); a model that ignores the image has a wrong-image gap of ~0.", "",
+         "| after | data | samples | loss, right image | wrong image | blank | wrong-image gap (+- se) |",
+         "|---|---|---|---|---|---|---|"]
+    for stage, r in image_use.items():
+        loss = r["loss"]
+        L.append(f"| {stage} | {Path(r['data']).name} | {r['samples']} | {loss['right']:.3f} | {loss['wrong']:.3f} | "
+                 f"{loss['blank']:.3f} | {r['gap_wrong']:+.3f} +- {r['gap_wrong_se']:.3f} |")
+    return L + [""]
+
+
 def write_report(out: Path, results: dict, budget: dict, quick: bool):
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
@@ -142,6 +157,7 @@ def write_report(out: Path, results: dict, budget: dict, quick: bool):
         fl = f"{losses[0][1]:.3f} -> {losses[-1][1]:.3f}" if losses else "-"
         L.append(f"| {name} | `{cmd}` | {fl} | {_fmt(r.get('tokens_per_s'))} |")
     L.append("")
+    L += image_use_section(results.get("image_use"))
 
     sqa = results.get("scienceqa", {})
     L += ["## 4. Evaluation on held-out synthetic questions", "",
