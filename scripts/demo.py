@@ -55,10 +55,10 @@ class Budget:
 # AMX: LLaVA steps 4.3-4.9 s, CLIP steps 0.85-1.1 s in bf16; on a Xeon with AMX, 2.3 s and ~0.65 s). Measured there:
 # FULL 19.5 min, zero-shot top-1 ViT 9.8%, DRIP-4x 9.6%, DRIP-10x 8.4% (chance 2.5%); QUICK 6.5 min, DRIP-4x 9.3%
 # at 70 CLIP steps (5.3% at 60: too close to the QUICK test's 5% floor). Stage-1 lr 1e-2: tens of steps instead of
-# LLaVA's ~2000 (1e-3 left the caption loss flat). Stage 2: 70 steps (90 until session 7): its loss has fallen
+# LLaVA's ~2000 (1e-3 left the caption loss flat). Stage 2: 60 steps (90 until session 7): its loss has fallen
 # from ~3.4 to ~1 by step 45, and no stage-2 run we made in this budget read the image (eval.image_use gap ~0).
 FULL = Budget(n_train=8000, n_val=800, clip_steps=130, clip_batch=32, clip_lr=5e-4, stage1_steps=40,
-              stage2_steps=70, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=200, n_exact=100)
+              stage2_steps=60, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=200, n_exact=100)
 QUICK = Budget(n_train=2400, n_val=400, clip_steps=70, clip_batch=16, clip_lr=5e-4, stage1_steps=8,
                stage2_steps=10, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=40, n_exact=20,
                bench_images=1, bench_repeats=1, probe_images=(400, 200), n_image_use=0)
