@@ -57,7 +57,8 @@ def image_use(model, dataset, collator, batch_size: int = 16, device: str | torc
         if any(it["image"] is None for it in items):
             raise ValueError(f"samples {idx[0]}..{idx[-1]}: text-only sample in the data; image use needs images")
         batch = collator(items)
-        wrong = torch.stack([dataset[(i + 1) % n]["image"] for i in idx])
+        # sample i gets sample i+1's image: the batch's own images shifted, plus the first of the next batch
+        wrong = torch.stack([it["image"] for it in items[1:]] + [dataset[(idx[-1] + 1) % n]["image"]])
         images = {"right": batch["images"], "wrong": wrong, "blank": blank.expand_as(batch["images"]).clone()}
         k = int((batch["labels"][:, 1:] != -100).sum())
         losses = {}
