@@ -141,6 +141,30 @@ def test_lora_recipe_targets_llm_only_and_projector_gets_its_lr(tiny_llm_dir, ti
     assert all(not names[i].endswith("bias") for _, wd, ids in groups if wd > 0 for i in ids)
 
 
+def test_lora_with_frozen_projector_saves_a_loadable_folder_and_keeps_data_order(tiny_llm_dir, tiny_drip_dir,
+                                                                                     data_dir, tmp_path):
+    """--freeze_mm_mlp_adapter: the stage-1 projector is not trained but still saved (the folder loads on its own);
+    --keep_data_order: the JSON's order is the training order (a curriculum), and it refuses a second ordering."""
+    from torch.utils.data import SequentialSampler
+
+    from drip_llava.model import load_pretrained_model
+
+    out = tmp_path / "lora"
+    trainer, recipe, model = make_trainer(tiny_llm_dir, tiny_drip_dir, data_dir, out, [
+        "--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8", "--freeze_mm_mlp_adapter", "True",
+        "--keep_data_order", "True"])
+    assert not any(p.requires_grad for p in recipe.projector_parameters(model))
+    assert isinstance(trainer._get_train_sampler(), SequentialSampler)
+    recipe.save(model, str(out), is_main=True, final=True)
+    assert {k.split(".")[0] for k in load_file(str(out / "non_lora_trainables.safetensors"))} == {"mm_projector"}
+    loaded = load_pretrained_model(str(out), model_base=str(tiny_llm_dir), device="cpu")
+    want = recipe.projector_parameters(model)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.mm_projector.parameters(), want))
+    trainer.args.group_by_modality_length = True
+    with pytest.raises(ValueError, match="keep_data_order"):
+        trainer._get_train_sampler()
+
+
 def test_qlora_keeps_vision_modules_out_of_quantization(tiny_llm_dir, tiny_drip_dir, data_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     _, _, model = make_trainer(tiny_llm_dir, tiny_drip_dir, data_dir, tmp_path, [

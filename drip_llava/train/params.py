@@ -78,6 +78,8 @@ class TrainingArguments(transformers.TrainingArguments):
                                                                      "optimizer group); default --learning_rate"})
     group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality and similar "
                                                                     "length (with real visual token counts)"})
+    keep_data_order: bool = field(default=False, metadata={"help": "train in the JSON's order instead of shuffled "
+                                                           "(a curriculum written into the data)"})
     metrics_file: str = field(default="metrics.jsonl", metadata={"help": "JSONL log in output_dir"})
     # transformers 5 folded these into other flags; LLaVA scripts still pass them.
     warmup_ratio: Optional[float] = field(default=None, metadata={"help": "alias: --warmup_steps RATIO"})

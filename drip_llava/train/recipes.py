@@ -292,7 +292,9 @@ class LoraRecipe(Recipe):
         from safetensors.torch import save_file
 
         bias = self.args.lora_bias
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # the projector is saved even when frozen (--freeze_mm_mlp_adapter): the LoRA folder is loadable on its own
+        proj = {id(p) for p in self.projector_parameters(model)}
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or id(p) in proj]
         state = gathered_state(named)
         self._save_config_and_tower(model, out_dir, is_main)
         if not is_main:

@@ -9,7 +9,7 @@ import time
 from typing import Optional
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Sampler, SequentialSampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
@@ -70,6 +70,10 @@ class DripLlavaTrainer(Trainer):
     # ---- data ------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.keep_data_order:
+            if self.args.group_by_modality_length:
+                raise ValueError("--keep_data_order and --group_by_modality_length both choose the order: pick one")
+            return SequentialSampler(ds)
         if self.args.group_by_modality_length and hasattr(ds, "modality_lengths"):
             global_batch = self.args.train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
             gen = torch.Generator()
