@@ -1,0 +1,133 @@
+"""ScienceQA-format multiple choice answered by likelihood: the option the model finds most probable as its answer.
+
+    python -m drip_llava.eval.rank_choices --base-dir DIR --split test --model-path M [--model-base B] \\
+        --answers-file ranked.jsonl [--image-folder DIR/images/test]
+    python -m drip_llava.eval.scienceqa score --base-dir DIR --result-file ranked.jsonl ...   (the usual scorer)
+
+The letter protocol (`scienceqa convert` + `generate`) asks the model to say "B"; a model under ~1B parameters
+often cannot map an answer it knows onto its letter (in our demo, SmolLM2-135M after stage 2 answers text-only
+questions whose answer is in the context at chance by letter, 8/22, and 15/22 by likelihood). Here each option
+is asked as a short answer instead ("Context: ...\\nQuestion: ...\\nAnswer the question using a single word or
+phrase." -> "Red"), scored by its mean log-probability per answer token (the template's end-of-turn token
+included), and the best option's letter is written as the answer. This is the cloze formulation small language
+models are evaluated with (OLMES; lighteval for SmolLM); the output is an answers jsonl that the real ScienceQA
+scorer reads unchanged, so accuracy, IMG accuracy and the blank-image control compare directly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from drip_llava.constants import IGNORE_INDEX
+from drip_llava.eval.scienceqa import OPTIONS, context_text, load_split
+
+SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
+
+
+def choice_records(problems: dict, pids: list[str]) -> tuple[list[dict], list[tuple[str, int]]]:
+    """One LLaVA conversation per (problem, option): the question as a short-answer prompt, the option as the
+    answer (first letter capitalised, as LLaVA's short answers are written). Returns records and (pid, k)."""
+    records, owners = [], []
+    for pid in pids:
+        p = problems[pid]
+        prompt = f"Context: {context_text(p)}\nQuestion: {p['question']}\n{SHORT_ANSWER_INSTRUCTION}"
+        for k, choice in enumerate(p["choices"]):
+            rec = {"id": f"{pid}:{k}", "conversations": [
+                {"from": "human", "value": ("<image>\n" + prompt) if p.get("image") else prompt},
+                {"from": "gpt", "value": choice[:1].upper() + choice[1:]}]}
+            if p.get("image"):
+                rec["image"] = f"{pid}/{p['image']}"
+            records.append(rec)
+            owners.append((pid, k))
+    return records, owners
+
+
+@torch.no_grad()
+def answer_logprobs(model, batch: dict) -> torch.Tensor:
+    """Mean log-probability per supervised token of each sample in a collated batch (images spliced in)."""
+    device = model.device
+    images = batch["images"]
+    embeds, mask, pos, labels = model.prepare_inputs_labels_for_multimodal(
+        batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device),
+        None if images is None else images.to(device=device, dtype=model.dtype))
+    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits[:, :-1].float()
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX
+    lp = logits.log_softmax(-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (lp * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+
+def rank_choices(model, dataset, collator, owners: list[tuple[str, int]], batch_size: int = 16) -> dict:
+    """pid -> list of option scores (mean log-prob per answer token), in option order."""
+    scores: dict[str, list[float]] = {}
+    for start in tqdm(range(0, len(dataset), batch_size), desc="rank choices", mininterval=2.0):
+        idx = range(start, min(start + batch_size, len(dataset)))
+        lp = answer_logprobs(model, collator([dataset[i] for i in idx]))
+        for i, v in zip(idx, lp.tolist()):
+            pid, k = owners[i]
+            row = scores.setdefault(pid, [])
+            if len(row) != k:
+                raise RuntimeError(f"problem {pid}: option {k} scored out of order")
+            row.append(v)
+    return scores
+
+
+def main(argv=None) -> dict:
+    from drip_llava.data.dataset import DataCollatorForSupervisedDataset, ImageLoader, LazySupervisedDataset
+    from drip_llava.model.builder import load_pretrained_model
+    from drip_llava.serve.chat import default_conv_mode
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-dir", required=True, help="folder with problems.json and pid_splits.json")
+    p.add_argument("--split", default="test")
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--model-base", default=None, help="the LLM, for projector-only or LoRA folders")
+    p.add_argument("--image-folder", default=None, help="default BASE_DIR/images/SPLIT (a blank-image copy for "
+                                                        "the control)")
+    p.add_argument("--answers-file", required=True)
+    p.add_argument("--conv-mode", default=None, help="template (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--model-max-length", type=int, default=1024)
+    p.add_argument("--image-aspect-ratio", default="pad")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    args = p.parse_args(argv)
+
+    problems, pids = load_split(args.base_dir, args.split)
+    lm = load_pretrained_model(args.model_path, args.model_base, device=args.device,
+                               torch_dtype=getattr(torch, args.dtype) if args.dtype else None)
+    model = lm.model.eval()
+    tower = model.get_vision_tower()
+    image_folder = args.image_folder or str(Path(args.base_dir) / "images" / args.split)
+    loader = ImageLoader(image_folder, tower.image_processor, args.image_aspect_ratio, tower.config.image_mean)
+    records, owners = choice_records(problems, pids)
+    conv_mode = args.conv_mode or default_conv_mode(model.config)
+    # an unreadable image or an over-long prompt is an error naming the sample, not a silently shorter eval
+    dataset = LazySupervisedDataset(records, lm.tokenizer, conv_mode, loader, args.model_max_length,
+                                    skip_bad_samples=False)
+    scores = rank_choices(model, dataset, DataCollatorForSupervisedDataset(pad_token_id=lm.tokenizer.pad_token_id),
+                          owners, args.batch_size)
+    model_id = Path(args.model_path).name
+    out = Path(args.answers_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prompts = {pid: rec["conversations"][0]["value"] for rec, (pid, _) in zip(records, owners)}
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        for pid in pids:
+            s = scores[pid]
+            best = max(range(len(s)), key=s.__getitem__)
+            f.write(json.dumps({"question_id": pid, "prompt": prompts[pid], "text": OPTIONS[best], "answer_id": uuid.uuid4().hex[:22],
+                                "model_id": model_id, "metadata": {"choice_logprobs": s, "conv_mode": conv_mode}})
+                    + "\n")
+    tmp.replace(out)
+    print(f"ranked {len(pids)} problems ({len(records)} options) -> {out}")
+    return scores
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""drip_llava.eval.rank_choices: batched option scores equal one-at-a-time scores, a tiny model that learned an
+image-only answer ranks it first with the image and not with a blank one, and the real scorer reads the output."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from drip_llava.data.dataset import DataCollatorForSupervisedDataset, ImageLoader, LazySupervisedDataset
+from drip_llava.eval import rank_choices, scienceqa
+from drip_llava.model import DripLlavaForCausalLM
+
+COLOURS = {"Red": (220, 30, 30), "Blue": (35, 65, 225)}
+QUESTION = "What colour is the image?"
+
+
+def _problem(image, choices, answer, hint=""):
+    return {"question": QUESTION if image else "Which colour did Mia name?", "choices": choices, "answer": answer,
+            "hint": hint, "image": image, "task": "closed choice", "grade": "grade1", "subject": "natural science",
+            "topic": "colours", "category": "c", "skill": "s", "lecture": "", "solution": "", "split": "test"}
+
+
+def _sqa(base, image_root, grey=False):
+    """8 image problems (red / blue, options in rotated orders) and one text-only problem; images flat colours, or
+    all grey for the blank control."""
+    problems = {}
+    for i in range(8):
+        name = list(COLOURS)[i % 2]
+        pid = str(i + 1)
+        (image_root / pid).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (128, 128), (128, 128, 128) if grey else COLOURS[name]).save(image_root / pid / "image.png")
+        # an option of several tokens, and a long text-only hint: batches mix lengths and need padding
+        choices = ["red", "blue", "light greenish yellow"]
+        choices = choices[i % 3:] + choices[:i % 3]
+        problems[pid] = _problem("image.png", choices, choices.index(name.lower()))
+    problems["9"] = _problem(None, ["green", "red"], 1, hint="Mia looked at the picture for a long while, "
+                                                             "thought about it, and then said: red.")
+    (base / "problems.json").write_text(json.dumps(problems))
+    (base / "pid_splits.json").write_text(json.dumps({"test": list(problems)}))
+    return problems
+
+
+def _train_colour_reader(model, tok, folder):
+    """Teach the tiny model the short-answer colour question (what the ranking prompt asks)."""
+    records = []
+    for i in range(8):
+        name = list(COLOURS)[i % 2]
+        Image.new("RGB", (128, 128), COLOURS[name]).save(folder / f"{i}.png")
+        q = f"Context: N/A\nQuestion: {QUESTION}\n{rank_choices.SHORT_ANSWER_INSTRUCTION}"
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": name}]})
+    tower = model.get_vision_tower()
+    loader = ImageLoader(str(folder), tower.image_processor, "pad", tower.config.image_mean)
+    ds = LazySupervisedDataset(records, tok, "chat_template", loader, 256, skip_bad_samples=False)
+    batch = DataCollatorForSupervisedDataset(pad_token_id=tok.pad_token_id)([ds[i] for i in range(len(ds))])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(60):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def _rank(model, tok, base, image_root, batch_size):
+    problems, pids = scienceqa.load_split(str(base), "test")
+    records, owners = rank_choices.choice_records(problems, pids)
+    tower = model.get_vision_tower()
+    loader = ImageLoader(str(image_root), tower.image_processor, "pad", tower.config.image_mean)
+    ds = LazySupervisedDataset(records, tok, "chat_template", loader, 256, skip_bad_samples=False)
+    collate = DataCollatorForSupervisedDataset(pad_token_id=tok.pad_token_id)
+    return rank_choices.rank_choices(model, ds, collate, owners, batch_size=batch_size)
+
+
+def _accuracy(problems, scores, pids):
+    return sum(max(range(len(scores[p])), key=scores[p].__getitem__) == problems[p]["answer"] for p in pids) / len(pids)
+
+
+def test_ranking_reads_the_image_and_batching_changes_nothing(tiny_llm_dir, tiny_drip_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(tiny_llm_dir))
+    model = DripLlavaForCausalLM.from_pretrained(str(tiny_llm_dir))
+    model.initialize_vision_modules(str(tiny_drip_dir), "mlp2x_gelu", select_layer=-2)
+    (tmp_path / "train").mkdir()
+    _train_colour_reader(model, tok, tmp_path / "train")
+
+    problems = _sqa(tmp_path, tmp_path / "images" / "test")
+    one = _rank(model, tok, tmp_path, tmp_path / "images" / "test", batch_size=1)
+    batched = _rank(model, tok, tmp_path, tmp_path / "images" / "test", batch_size=5)  # mixed text/image batches
+    assert set(one) == set(problems) and all(len(one[p]) == len(problems[p]["choices"]) for p in problems)
+    for pid in one:  # padding, splicing and masking in a batch must not move any score
+        assert batched[pid] == pytest.approx(one[pid], abs=1e-4), pid
+    image_pids = [str(i + 1) for i in range(8)]
+    assert _accuracy(problems, one, image_pids) == 1.0, one
+
+    (tmp_path / "blank").mkdir()
+    _sqa(tmp_path / "blank", tmp_path / "blank" / "images" / "test", grey=True)
+    blank = _rank(model, tok, tmp_path / "blank", tmp_path / "blank" / "images" / "test", batch_size=5)
+    assert _accuracy(problems, blank, image_pids) <= 0.75, blank  # one grey image: the same pick for all
+
+
+def test_cli_writes_answers_the_scorer_reads(tiny_llm_dir, tiny_drip_dir, tmp_path):
+    model = DripLlavaForCausalLM.from_pretrained(str(tiny_llm_dir))
+    model.initialize_vision_modules(str(tiny_drip_dir), "mlp2x_gelu", select_layer=-2)
+    model.save_mm_projector(tmp_path / "stage1")
+    problems = _sqa(tmp_path, tmp_path / "images" / "test")
+    answers = tmp_path / "ranked.jsonl"
+    rank_choices.main(["--base-dir", str(tmp_path), "--model-path", str(tmp_path / "stage1"), "--model-base",
+                       str(tiny_llm_dir), "--answers-file", str(answers), "--conv-mode", "chat_template",
+                       "--device", "cpu", "--batch-size", "4"])
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == list(problems)
+    assert all(r["text"] in "ABC" for r in rows)
+    assert [len(r["metadata"]["choice_logprobs"]) for r in rows] == [3] * 8 + [2]
+    assert rows[0]["prompt"].startswith("<image>\nContext: N/A\nQuestion: What colour")
+    assert rows[-1]["prompt"].startswith("Context: Mia looked")
+    problems_, pids = scienceqa.load_split(str(tmp_path), "test")
+    _, summary = scienceqa.score(problems_, pids, rows)
+    assert summary["count"] == 9
