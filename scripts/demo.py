@@ -5,12 +5,13 @@
 Stages (each runs the same command a user would type, and is skipped on a rerun when its output is complete):
   data -> clip (ViT-tiny, DRIP-tiny-4x with torchrun x2; DRIP-tiny-10x) -> boundaries -> probe (what the towers'
   LLaVA tokens encode) -> llm -> stage1 (deepspeed, zero2) -> stage2 (scripts/finetune_lora.sh) -> eval
-  (ScienceQA-format MC, blank-image control, exact match, efficiency) -> report (REPORT.md + PNG plots). Results
+  (ScienceQA-format MC by letter and by likelihood, blank-image control, exact match, efficiency) -> report (REPORT.md + PNG plots). Results
   land in OUT/results.json, which the QUICK test asserts on.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -55,10 +56,11 @@ class Budget:
 # AMX: LLaVA steps 4.3-4.9 s, CLIP steps 0.85-1.1 s in bf16; on a Xeon with AMX, 2.3 s and ~0.65 s). Measured there:
 # FULL 19.5 min, zero-shot top-1 ViT 9.8%, DRIP-4x 9.6%, DRIP-10x 8.4% (chance 2.5%); QUICK 6.5 min, DRIP-4x 9.3%
 # at 70 CLIP steps (5.3% at 60: too close to the QUICK test's 5% floor). Stage-1 lr 1e-2: tens of steps instead of
-# LLaVA's ~2000 (1e-3 left the caption loss flat). Stage 2: 60 steps (90 until session 7): its loss has fallen
-# from ~3.4 to ~1 by step 45, and no stage-2 run we made in this budget read the image (eval.image_use gap ~0).
+# LLaVA's ~2000 (1e-3 left the caption loss flat). Stage 2: 45 steps (90 until session 7, 60 in it): its loss has
+# fallen from ~3.4 to ~1 by step 45, and no stage-2 run we made in this budget read the image (eval.image_use gap
+# ~0); the ~90 s saved pay for the likelihood-ranked MC eval (session 8).
 FULL = Budget(n_train=8000, n_val=800, clip_steps=130, clip_batch=32, clip_lr=5e-4, stage1_steps=40,
-              stage2_steps=60, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=200, n_exact=100)
+              stage2_steps=45, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=200, n_exact=100)
 QUICK = Budget(n_train=2400, n_val=400, clip_steps=70, clip_batch=16, clip_lr=5e-4, stage1_steps=8,
                stage2_steps=10, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=40, n_exact=20,
                bench_images=1, bench_repeats=1, probe_images=(400, 200), n_image_use=0)
@@ -261,9 +263,15 @@ class Demo:
                              "--json", ev / f"image_use_{stage}.json"]
                      for stage, data in (("stage1", "val_pretrain.json"), ("stage2", "val_instruct.json"))
                      if self.b.n_image_use}
+        # the same problems answered by likelihood (which option the model finds most probable): a 135M LLM
+        # often knows an answer it cannot map onto its letter
+        rank = [PY, "-m", "drip_llava.eval.rank_choices", "--base-dir", sqa, *model, *dtype]
         self.run_parallel([(f"sqa-generate-{tag}", [*generate, "--question-file", ev / "sqa_questions.jsonl",
                                                      "--image-folder", images, "--max-new-tokens", "8",
                                                      "--answers-file", ev / f"sqa_answers_{tag}.jsonl"])
+                           for tag, images in tags] +
+                          [(f"sqa-rank-{tag}", [*rank, "--image-folder", images,
+                                                "--answers-file", ev / f"sqa_ranked_{tag}.jsonl"])
                            for tag, images in tags] +
                           [("exact-generate", [*generate, "--question-file", qfile, "--max-new-tokens", "16",
                                                "--image-folder", self.data / "imagefolder",
@@ -272,13 +280,14 @@ class Demo:
         if image_use:
             self.results["image_use"] = {stage: json.loads((ev / f"image_use_{stage}.json").read_text())
                                          for stage in image_use}
-        for tag, _ in tags:
-            self.run(f"sqa-score-{tag}", [PY, "-m", "drip_llava.eval.scienceqa", "score", "--base-dir", sqa,
-                                          "--result-file", ev / f"sqa_answers_{tag}.jsonl",
-                                          "--output-file", ev / f"sqa_scored_{tag}.jsonl",
-                                          "--output-result", ev / f"sqa_result_{tag}.json"])
-            self.results.setdefault("scienceqa", {})[tag] = read_sqa_result(
-                ev / f"sqa_result_{tag}.json", ev / f"sqa_scored_{tag}.jsonl", sqa)
+        for (tag, _), (key, kind) in itertools.product(tags, (("scienceqa", "answers"), ("scienceqa_ranked", "ranked"))):
+            name = f"{kind}_{tag}"
+            self.run(f"sqa-score-{name}", [PY, "-m", "drip_llava.eval.scienceqa", "score", "--base-dir", sqa,
+                                           "--result-file", ev / f"sqa_{name}.jsonl",
+                                           "--output-file", ev / f"sqa_scored_{name}.jsonl",
+                                           "--output-result", ev / f"sqa_result_{name}.json"])
+            self.results.setdefault(key, {})[tag] = read_sqa_result(
+                ev / f"sqa_result_{name}.json", ev / f"sqa_scored_{name}.jsonl", sqa)
         self.results["exact_match"] = exact_match(qfile, ev / "exact_answers.jsonl")
         self.run("efficiency", [PY, "-m", "drip_llava.eval.efficiency", *model, "--images", "examples",
                                 "--json", ev / "efficiency.json"])

@@ -167,6 +167,12 @@ def write_report(out: Path, results: dict, budget: dict, quick: bool):
         L.append(f"| ScienceQA-format MC accuracy % (scorer: drip_llava.eval.scienceqa) | {_fmt(im.get('acc'))} | "
                  f"{_fmt(bl.get('acc'))} | {_fmt(im.get('chance'))} |")
         L.append(f"| ... IMG accuracy % | {_fmt(im.get('img_acc'))} | {_fmt(bl.get('img_acc'))} | |")
+    ranked = results.get("scienceqa_ranked", {})
+    if ranked:
+        im, bl = ranked.get("image", {}), ranked.get("blank", {})
+        L.append(f"| the same MC by answer likelihood % (drip_llava.eval.rank_choices, same scorer) | "
+                 f"{_fmt(im.get('acc'))} | {_fmt(bl.get('acc'))} | {_fmt(im.get('chance'))} |")
+        L.append(f"| ... IMG accuracy % | {_fmt(im.get('img_acc'))} | {_fmt(bl.get('img_acc'))} | |")
     em = results.get("exact_match", {})
     if em:
         L.append(f"| exact match %, short answers ({em.get('n')} questions) | {_fmt(em.get('accuracy'))} | | |")
@@ -174,11 +180,13 @@ def write_report(out: Path, results: dict, budget: dict, quick: bool):
     skills = sqa.get("image", {}).get("by_skill") if sqa else None
     if skills:
         blank = sqa.get("blank", {}).get("by_skill", {})
-        L += ["MC accuracy % by question type (ScienceQA `skill`):", "",
-              "| question type | n | with the image | blank image | chance |", "|---|---|---|---|---|"]
+        r_im, r_bl = ({} if not ranked else ranked.get(t, {}).get("by_skill", {}) for t in ("image", "blank"))
+        L += ["MC accuracy % by question type (ScienceQA `skill`), by letter and by likelihood:", "",
+              "| question type | n | letter: with the image | letter: blank image | likelihood: with the image | "
+              "likelihood: blank image | chance |", "|---|---|---|---|---|---|---|"]
         for k, r in skills.items():
             L.append(f"| {k} | {r['n']} | {_fmt(r['acc'])} | {_fmt(blank.get(k, {}).get('acc'))} | "
-                     f"{_fmt(r['chance'])} |")
+                     f"{_fmt(r_im.get(k, {}).get('acc'))} | {_fmt(r_bl.get(k, {}).get('acc'))} | {_fmt(r['chance'])} |")
         L.append("")
 
     if prefill:

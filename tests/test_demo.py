@@ -59,6 +59,9 @@ def test_quick_demo_runs_every_stage_and_learns(tmp_path):
         assert sqa[tag]["n"] == b["n_eval"] + round(b["n_eval"] / 9), sqa[tag]
         assert 0 <= sqa[tag]["acc"] <= 100 and sqa[tag]["img_acc"] is not None
     assert 0 < sqa["image"]["chance"] < 50 and r["exact_match"]["n"] == b["n_exact"]
+    for tag in ("image", "blank"):  # the same problems answered by likelihood, through the same scorer
+        assert r["scienceqa_ranked"][tag]["n"] == sqa[tag]["n"], r["scienceqa_ranked"]
+    assert "by answer likelihood" in report
     prefill = r["prefill"]  # ViT, DRIP-4x, DRIP-10x towers in front of the embedded LLM
     assert prefill[0]["visual_tokens_mean"] == 64
     assert prefill[2]["visual_tokens_mean"] < prefill[1]["visual_tokens_mean"] < 64

@@ -1,4 +1,5 @@
-"""drip_llava.eval.rank_choices: batched option scores equal one-at-a-time scores, a tiny model that learned an
+"""drip_llava.eval.rank_choices: option scores (prompt once, options from its cache) equal the model's own loss on
+each whole sequence, a tiny model that learned an
 image-only answer ranks it first with the image and not with a blank one, and the real scorer reads the output."""
 import json
 
@@ -63,21 +64,27 @@ def _train_colour_reader(model, tok, folder):
     model.eval()
 
 
-def _rank(model, tok, base, image_root, batch_size):
+def _rank(model, tok, base, image_root):
+    """(ranked scores, reference scores): the reference is the model's own teacher-forced loss on each whole
+    (prompt + option) sequence, an independent path through the training forward."""
     problems, pids = scienceqa.load_split(str(base), "test")
     records, owners = rank_choices.choice_records(problems, pids)
     tower = model.get_vision_tower()
     loader = ImageLoader(str(image_root), tower.image_processor, "pad", tower.config.image_mean)
     ds = LazySupervisedDataset(records, tok, "chat_template", loader, 256, skip_bad_samples=False)
     collate = DataCollatorForSupervisedDataset(pad_token_id=tok.pad_token_id)
-    return rank_choices.rank_choices(model, ds, collate, owners, batch_size=batch_size)
+    ref: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for i, (pid, _) in enumerate(owners):
+            ref.setdefault(pid, []).append(-float(model(**collate([ds[i]])).loss))
+    return rank_choices.rank_choices(model, ds, owners), ref
 
 
 def _accuracy(problems, scores, pids):
     return sum(max(range(len(scores[p])), key=scores[p].__getitem__) == problems[p]["answer"] for p in pids) / len(pids)
 
 
-def test_ranking_reads_the_image_and_batching_changes_nothing(tiny_llm_dir, tiny_drip_dir, tmp_path):
+def test_ranking_reads_the_image_and_matches_the_training_loss(tiny_llm_dir, tiny_drip_dir, tmp_path):
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
@@ -88,17 +95,16 @@ def test_ranking_reads_the_image_and_batching_changes_nothing(tiny_llm_dir, tiny
     _train_colour_reader(model, tok, tmp_path / "train")
 
     problems = _sqa(tmp_path, tmp_path / "images" / "test")
-    one = _rank(model, tok, tmp_path, tmp_path / "images" / "test", batch_size=1)
-    batched = _rank(model, tok, tmp_path, tmp_path / "images" / "test", batch_size=5)  # mixed text/image batches
-    assert set(one) == set(problems) and all(len(one[p]) == len(problems[p]["choices"]) for p in problems)
-    for pid in one:  # padding, splicing and masking in a batch must not move any score
-        assert batched[pid] == pytest.approx(one[pid], abs=1e-4), pid
+    ranked, ref = _rank(model, tok, tmp_path, tmp_path / "images" / "test")
+    assert set(ranked) == set(problems) and all(len(ranked[p]) == len(problems[p]["choices"]) for p in problems)
+    for pid in ranked:  # prompt once + options from its KV cache == each whole sequence on its own
+        assert ranked[pid] == pytest.approx(ref[pid], abs=1e-4), pid
     image_pids = [str(i + 1) for i in range(8)]
-    assert _accuracy(problems, one, image_pids) == 1.0, one
+    assert _accuracy(problems, ranked, image_pids) == 1.0, ranked
 
     (tmp_path / "blank").mkdir()
     _sqa(tmp_path / "blank", tmp_path / "blank" / "images" / "test", grey=True)
-    blank = _rank(model, tok, tmp_path / "blank", tmp_path / "blank" / "images" / "test", batch_size=5)
+    blank, _ = _rank(model, tok, tmp_path / "blank", tmp_path / "blank" / "images" / "test")
     assert _accuracy(problems, blank, image_pids) <= 0.75, blank  # one grey image: the same pick for all
 
 
@@ -110,7 +116,7 @@ def test_cli_writes_answers_the_scorer_reads(tiny_llm_dir, tiny_drip_dir, tmp_pa
     answers = tmp_path / "ranked.jsonl"
     rank_choices.main(["--base-dir", str(tmp_path), "--model-path", str(tmp_path / "stage1"), "--model-base",
                        str(tiny_llm_dir), "--answers-file", str(answers), "--conv-mode", "chat_template",
-                       "--device", "cpu", "--batch-size", "4"])
+                       "--device", "cpu"])
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert [r["question_id"] for r in rows] == list(problems)
     assert all(r["text"] in "ABC" for r in rows)
