@@ -43,3 +43,23 @@ def tiny_drip_dir(tmp_path_factory):
     # image the same count (L/2); tests need images whose token counts differ
     DripVisionModel.from_preset("drip-tiny-16-4x", eval_boundaries="threshold").save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def fit_batch():
+    """fit(model, batch): full-batch AdamW on one collated batch (the trainable parameters), then eval mode. Teaches
+    a tiny model an image-only answer in seconds, so image-reading evals can be tested on a model that reads."""
+
+    def fit(model, batch, steps: int = 60, lr: float = 3e-3):
+        import torch
+
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        model.train()
+        for _ in range(steps):
+            loss = model(**batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+
+    return fit

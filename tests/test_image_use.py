@@ -23,7 +23,7 @@ def _data(folder, n=16):
     return records
 
 
-def test_gap_grows_when_the_answer_needs_the_image(tiny_llm_dir, tiny_drip_dir, tmp_path):
+def test_gap_grows_when_the_answer_needs_the_image(tiny_llm_dir, tiny_drip_dir, tmp_path, fit_batch):
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
@@ -41,14 +41,7 @@ def test_gap_grows_when_the_answer_needs_the_image(tiny_llm_dir, tiny_drip_dir, 
     assert abs(before["gap_wrong"]) < 0.2, before
     assert before["samples"] == 16 and before["tokens"] >= 16
 
-    batch = collate([ds[i] for i in range(len(ds))])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    model.train()
-    for _ in range(60):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_batch(model, collate([ds[i] for i in range(len(ds))]))
     after = image_use.image_use(model, ds, collate, batch_size=8)
     # right image: the colour is known; wrong image: the other colour is predicted, confidently
     assert after["loss"]["right"] < 0.5 * before["loss"]["right"], (before, after)

@@ -41,7 +41,7 @@ def _sqa(base, image_root, grey=False):
     return problems
 
 
-def _train_colour_reader(model, tok, folder):
+def _train_colour_reader(model, tok, folder, fit):
     """Teach the tiny model the short-answer colour question (what the ranking prompt asks)."""
     records = []
     for i in range(8):
@@ -53,15 +53,7 @@ def _train_colour_reader(model, tok, folder):
     tower = model.get_vision_tower()
     loader = ImageLoader(str(folder), tower.image_processor, "pad", tower.config.image_mean)
     ds = LazySupervisedDataset(records, tok, "chat_template", loader, 256, skip_bad_samples=False)
-    batch = DataCollatorForSupervisedDataset(pad_token_id=tok.pad_token_id)([ds[i] for i in range(len(ds))])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    model.train()
-    for _ in range(60):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    fit(model, DataCollatorForSupervisedDataset(pad_token_id=tok.pad_token_id)([ds[i] for i in range(len(ds))]))
 
 
 def _rank(model, tok, base, image_root):
@@ -84,7 +76,7 @@ def _accuracy(problems, scores, pids):
     return sum(max(range(len(scores[p])), key=scores[p].__getitem__) == problems[p]["answer"] for p in pids) / len(pids)
 
 
-def test_ranking_reads_the_image_and_matches_the_training_loss(tiny_llm_dir, tiny_drip_dir, tmp_path):
+def test_ranking_reads_the_image_and_matches_the_training_loss(tiny_llm_dir, tiny_drip_dir, tmp_path, fit_batch):
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
@@ -92,7 +84,7 @@ def test_ranking_reads_the_image_and_matches_the_training_loss(tiny_llm_dir, tin
     model = DripLlavaForCausalLM.from_pretrained(str(tiny_llm_dir))
     model.initialize_vision_modules(str(tiny_drip_dir), "mlp2x_gelu", select_layer=-2)
     (tmp_path / "train").mkdir()
-    _train_colour_reader(model, tok, tmp_path / "train")
+    _train_colour_reader(model, tok, tmp_path / "train", fit_batch)
 
     problems = _sqa(tmp_path, tmp_path / "images" / "test")
     ranked, ref = _rank(model, tok, tmp_path, tmp_path / "images" / "test")
