@@ -184,6 +184,28 @@ def test_llava_json(data, records):
             assert row["answer"] == rec["objects"][0]["colour"].capitalize()
 
 
+def test_reading_warmup_block_comes_first_and_answers_colours(data, records, tmp_path):
+    """--n-warmup N: N colour-only short-answer conversations (exact answers) before the same shuffled mix."""
+    out, _ = data
+    mix = json.loads((out / "llava" / "instruct.json").read_text())
+    assert [r["id"] for r in mix] != sorted(r["id"] for r in mix)  # shuffled: text-only ones are not all last
+    warm_out = tmp_path / "warm"
+    meta = sw.generate(warm_out, N_TRAIN, N_VAL, seed=0, workers=1, n_warmup=5, **KW)
+    assert meta["counts"]["llava_warmup"] == 5 and meta["args"]["n_warmup"] == 5
+    ins = json.loads((warm_out / "llava" / "instruct.json").read_text())
+    assert ins[5:] == mix
+    for r in ins[:5]:
+        rec = records["train"][Path(r["image"]).stem]
+        conv = r["conversations"]
+        assert conv[0]["value"].startswith("<image>\n") and sq.SHORT_SUFFIX in conv[0]["value"]
+        assert 1 <= len(conv) // 2 <= 3 and sum(t["value"].count("<image>") for t in conv) == 1
+        present = {o["colour"] for o in rec["objects"]}
+        for q, a in zip(conv[::2], conv[1::2]):
+            assert "colour" in q["value"] and a["value"].lower() in present, (q, a)
+            if "largest" in q["value"] or "biggest" in q["value"]:
+                assert a["value"].lower() == rec["objects"][0]["colour"]
+
+
 def test_scienceqa(data, records):
     out, _ = data
     sqa = out / "scienceqa"

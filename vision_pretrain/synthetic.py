@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 3  # 2: stage-1 JSON carries the short alt text; 3: held-out val_pretrain/val_instruct JSON
+FORMAT_VERSION = 4  # 2: stage-1 JSON carries the short alt text; 3: held-out val_pretrain/val_instruct JSON;
+# 4: instruct.json is shuffled, after an optional reading warm-up block (n_warmup)
 
 # Saturated, well-separated object colours (name -> RGB).
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -329,10 +330,10 @@ def sqa_pid(val_index: int) -> str:
     return str(val_index + 1)
 
 
-def _gen_args(n_train, n_val, image_size, seed, shard_size, jpeg_quality, n_sqa, n_bench_images) -> dict:
+def _gen_args(n_train, n_val, image_size, seed, shard_size, jpeg_quality, n_sqa, n_bench_images, n_warmup) -> dict:
     return {"format_version": FORMAT_VERSION, "n_train": n_train, "n_val": n_val, "image_size": image_size,
             "seed": seed, "shard_size": shard_size, "jpeg_quality": jpeg_quality, "n_sqa": n_sqa,
-            "n_bench_images": n_bench_images}
+            "n_bench_images": n_bench_images, "n_warmup": n_warmup}
 
 
 def _clean_outputs(out: Path) -> None:
@@ -349,13 +350,15 @@ def _clean_outputs(out: Path) -> None:
 
 def generate(out_dir, n_train: int, n_val: int, image_size: int = 128, seed: int = 0, shard_size: int = 1000,
              workers: int = 2, jpeg_quality: int = 90, n_sqa: int | None = None, n_bench_images: int = 20,
-             overwrite: bool = False, progress: bool = True) -> dict:
+             n_warmup: int = 0, overwrite: bool = False, progress: bool = True) -> dict:
     """Write the whole shapes world into `out_dir` and return its meta (also in out_dir/meta.json).
 
     If out_dir/meta.json records the same generation arguments, nothing is rewritten and the stored
     meta is returned with meta["reused"] = True. Different arguments need overwrite=True.
     `n_sqa`: ScienceQA image questions (default min(n_val, 1000)), plus ~10% text-only ones.
     `n_bench_images`: val images used for LLaVA-Bench (3 questions each).
+    `n_warmup`: colour-only conversations on the first n_warmup train images, put first in instruct.json (the
+    mix after them is shuffled): trained in file order (--keep_data_order) they are a reading warm-up.
     """
     from tqdm import tqdm
 
@@ -368,7 +371,8 @@ def generate(out_dir, n_train: int, n_val: int, image_size: int = 128, seed: int
     n_sqa = min(n_val, 1000) if n_sqa is None else min(n_sqa, n_val)
     n_bench_images = min(n_bench_images, n_val)
     out = Path(out_dir)
-    args = _gen_args(n_train, n_val, image_size, seed, shard_size, jpeg_quality, n_sqa, n_bench_images)
+    n_warmup = min(n_warmup, n_train)
+    args = _gen_args(n_train, n_val, image_size, seed, shard_size, jpeg_quality, n_sqa, n_bench_images, n_warmup)
     meta_path = out / "meta.json"
     if meta_path.exists() and not overwrite:
         old = json.loads(meta_path.read_text())
@@ -410,6 +414,8 @@ def generate(out_dir, n_train: int, n_val: int, image_size: int = 128, seed: int
     llava = out / "llava"
     llava.mkdir(exist_ok=True)
     pretrain, instruct = sq.pretrain_records(train, seed), sq.instruct_records(train, seed)
+    random.Random(f"shapes-world/{seed}/instruct-order").shuffle(instruct)  # text-only ones among the rest
+    instruct = sq.warmup_records(train[:n_warmup], seed) + instruct
     (llava / "pretrain.json").write_text(json.dumps(pretrain, indent=1))
     (llava / "instruct.json").write_text(json.dumps(instruct, indent=1))
     # the same conversations on val images: held-out data for drip_llava.eval.image_use
@@ -432,7 +438,7 @@ def generate(out_dir, n_train: int, n_val: int, image_size: int = 128, seed: int
         "train": len(train), "val": len(val),
         "train_shards": sum(t["split"] == "train" for t in tasks),
         "val_shards": sum(t["split"] == "val" for t in tasks),
-        "llava_pretrain": len(pretrain), "llava_instruct": len(instruct),
+        "llava_pretrain": len(pretrain), "llava_instruct": len(instruct), "llava_warmup": n_warmup,
         "llava_val_questions": len(val_questions),
         "scienceqa": len(problems), "scienceqa_with_image": sum(p["image"] is not None for p in problems.values()),
         "llavabench_questions": len(bench["questions"]),
@@ -468,6 +474,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--n-sqa", type=int, default=None, help="ScienceQA image questions (default min(n_val, 1000))")
     p.add_argument("--n-bench-images", type=int, default=20, help="val images for LLaVA-Bench (3 questions each)")
+    p.add_argument("--n-warmup", type=int, default=0, help="colour-only stage-2 conversations first in instruct.json "
+                                                           "(a reading warm-up when trained in order)")
     p.add_argument("--overwrite", action="store_true", help="regenerate even if DIR/meta.json exists")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -477,7 +485,8 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     meta = generate(a.out, a.n_train, a.n_val, image_size=a.image_size, seed=a.seed, shard_size=a.shard_size,
                     workers=a.workers, jpeg_quality=a.jpeg_quality, n_sqa=a.n_sqa,
-                    n_bench_images=a.n_bench_images, overwrite=a.overwrite, progress=not a.no_progress)
+                    n_bench_images=a.n_bench_images, n_warmup=a.n_warmup, overwrite=a.overwrite,
+                    progress=not a.no_progress)
     c = meta["counts"]
     if meta["reused"]:
         print(f"{a.out}: already generated with the same arguments (meta.json); skipping. Use --overwrite to redo.")
