@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from drip_llava.constants import SHORT_ANSWER_PROMPT
 from drip_llava.data.dataset import DataCollatorForSupervisedDataset, ImageLoader, LazySupervisedDataset
 from drip_llava.eval import rank_choices, scienceqa
 from drip_llava.model import DripLlavaForCausalLM
@@ -47,7 +48,7 @@ def _train_colour_reader(model, tok, folder, fit):
     for i in range(8):
         name = list(COLOURS)[i % 2]
         Image.new("RGB", (128, 128), COLOURS[name]).save(folder / f"{i}.png")
-        q = f"Context: N/A\nQuestion: {QUESTION}\n{rank_choices.SHORT_ANSWER_INSTRUCTION}"
+        q = f"Context: N/A\nQuestion: {QUESTION}\n{SHORT_ANSWER_PROMPT}"
         records.append({"id": str(i), "image": f"{i}.png", "conversations": [
             {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": name}]})
     tower = model.get_vision_tower()

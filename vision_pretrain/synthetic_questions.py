@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import random
 
+from drip_llava.constants import MC_ANSWER_PROMPT, SHORT_ANSWER_PROMPT
 from vision_pretrain.synthetic import (
     CLASSNAMES, COLOURS, POSITIONS, SHAPES, SIZES, item_rng, sample_scene,
 )
 
-MC_SUFFIX = "Answer with the option's letter from the given choices directly."
-SHORT_SUFFIX = "Answer the question using a single word or phrase."
+MC_SUFFIX, SHORT_SUFFIX = MC_ANSWER_PROMPT, SHORT_ANSWER_PROMPT  # LLaVA-1.5's answer-format lines
 LETTERS = "ABCDE"
 
 POS_PHRASES = {

@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from drip_llava.constants import IGNORE_INDEX
+from drip_llava.constants import IGNORE_INDEX, SHORT_ANSWER_PROMPT
 from drip_llava.eval.scienceqa import OPTIONS, context_text, load_split
 
-SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
 
 
 def choice_records(problems: dict, pids: list[str]) -> tuple[list[dict], list[tuple[str, int]]]:
@@ -38,7 +37,7 @@ def choice_records(problems: dict, pids: list[str]) -> tuple[list[dict], list[tu
     records, owners = [], []
     for pid in pids:
         p = problems[pid]
-        prompt = f"Context: {context_text(p)}\nQuestion: {p['question']}\n{SHORT_ANSWER_INSTRUCTION}"
+        prompt = f"Context: {context_text(p)}\nQuestion: {p['question']}\n{SHORT_ANSWER_PROMPT}"
         for k, choice in enumerate(p["choices"]):
             rec = {"id": f"{pid}:{k}", "conversations": [
                 {"from": "human", "value": ("<image>\n" + prompt) if p.get("image") else prompt},

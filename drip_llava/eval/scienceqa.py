@@ -20,12 +20,12 @@ import re
 import sys
 from collections import Counter
 
+from drip_llava.constants import MC_ANSWER_PROMPT
 from drip_llava.eval import index_by_question_id, qid_key, read_jsonl, write_jsonl
 
 logger = logging.getLogger(__name__)
 
 OPTIONS = ("A", "B", "C", "D", "E")
-ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
 GROUPS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
 # LLaVA's pattern, unescaped '.' included (it matches any character after the letter): kept as is
@@ -86,7 +86,7 @@ def build_prompt(problem: dict, prompt_format: str = "CQM-A", use_caption: bool 
     if text.startswith("Question: "):
         text = text[len("Question: "):]
     if answer_instruction:
-        text = f"{text}\n{ANSWER_INSTRUCTION}"
+        text = f"{text}\n{MC_ANSWER_PROMPT}"
     return text
 
 
@@ -239,7 +239,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--prompt-format", default="CQM-A", help="CQM-A (LLaVA-1.5) or QCM-*")
     c.add_argument("--use-caption", action="store_true", help="append problems' 'caption' to the context")
     c.add_argument("--no-answer-instruction", action="store_true",
-                   help=f"omit the final line {ANSWER_INSTRUCTION!r}")
+                   help=f"omit the final line {MC_ANSWER_PROMPT!r}")
     s = sub.add_parser("score", help="score an answers jsonl with LLaVA's letter-parsing rules")
     s.add_argument("--base-dir", required=True)
     s.add_argument("--split", default="test")
