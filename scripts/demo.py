@@ -228,8 +228,19 @@ class Demo:
             *([] if self.precision is None else ["--use_cpu", "True", "--bf16", str(self.precision == "bf16")])])
         self.results["stage1"] = summarize_hf_log(self.out / "stage1")
 
+    def check_warmup_data(self):
+        """The warm-up schedule trains instruct.json in file order: data from an older run (no warm-up block, or
+        one of another size) would silently train on the wrong order, so stop with the fix instead."""
+        want = 2 * self.b.llava_batch * self.b.stage2_warmup_steps
+        meta = json.loads((self.data / "meta.json").read_text())
+        if meta["args"].get("n_warmup", 0) != want:
+            raise SystemExit(f"demo: {self.data} was generated with n_warmup={meta['args'].get('n_warmup', 0)}, this "
+                             f"budget needs {want} (an older data format); rerun with `make demo FRESH=1`")
+
     def stage2(self):
         b = self.b
+        if b.stage2_warmup_steps:
+            self.check_warmup_data()
         env = dict(MODEL=self.llm_dir, VISION_TOWER=str(self.out / "clip" / LLAVA_TOWER / "vision_tower"),
                    PRETRAIN_ADAPTER=str(self.out / "stage1" / "mm_projector.safetensors"),
                    DATA_PATH=str(self.data / "llava" / "instruct.json"), IMAGE_FOLDER=str(self.data / "imagefolder"),

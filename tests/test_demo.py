@@ -11,6 +11,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_warmup_schedule_refuses_data_without_its_block(tmp_path):
+    """Stage 2 trains the FULL budget's warm-up in file order: data generated without that block must stop it."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import demo
+
+    d = demo.Demo(tmp_path, demo.FULL, quick=False)
+    (tmp_path / "data").mkdir()
+    want = 2 * demo.FULL.llava_batch * demo.FULL.stage2_warmup_steps
+    assert want > 0
+    (tmp_path / "data" / "meta.json").write_text(json.dumps({"args": {"n_train": 8000}}))  # format 3: no n_warmup
+    with pytest.raises(SystemExit, match="FRESH=1"):
+        d.check_warmup_data()
+    (tmp_path / "data" / "meta.json").write_text(json.dumps({"args": {"n_warmup": want}}))
+    d.check_warmup_data()
+
+
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_learns(tmp_path):
     out = tmp_path / "demo"
