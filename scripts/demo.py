@@ -5,8 +5,8 @@
 Stages (each runs the same command a user would type, and is skipped on a rerun when its output is complete):
   data -> clip (ViT-tiny, DRIP-tiny-4x with torchrun x2; DRIP-tiny-10x) -> boundaries -> probe (what the towers'
   LLaVA tokens encode) -> llm -> stage1 (deepspeed, zero2) -> stage2 (scripts/finetune_lora.sh) -> eval
-  (ScienceQA-format MC by letter and by likelihood, blank-image control, exact match, efficiency) -> report (REPORT.md + PNG plots). Results
-  land in OUT/results.json, which the QUICK test asserts on.
+  (ScienceQA-format MC by letter and by likelihood, blank-image control, exact match, efficiency) -> report
+  (REPORT.md + PNG plots). Results land in OUT/results.json, which the QUICK test asserts on.
 """
 from __future__ import annotations
 
@@ -54,6 +54,11 @@ class Budget:
     # shuffled mix (QUICK: 10 steps are too few for both, and its test asserts the loss falls)
     stage2_warmup_steps: int = 0
 
+    @property
+    def n_warmup_records(self) -> int:
+        """Warm-up conversations the data needs: one global batch (2 ranks) per warm-up step."""
+        return 2 * self.llava_batch * self.stage2_warmup_steps
+
 
 # Calibrated on 2 cores: tiny CLIP towers start on a loss plateau (~ln(batch)); DRIP leaves it after ~35 steps,
 # ViT after ~50 (scripts/compare_clip.py). Steps fit the time budget on the slower of our machines (an EPYC without
@@ -64,7 +69,8 @@ class Budget:
 # fallen from ~3.4 to ~1 by step 45, and the shuffled mix never read the image (eval.image_use gap ~0). Session 8:
 # 25 warm-up steps of colour questions, then 35 of the mix: gap +0.012 +- 0.004, colour questions above blank.
 FULL = Budget(n_train=8000, n_val=800, clip_steps=130, clip_batch=32, clip_lr=5e-4, stage1_steps=40,
-              stage2_steps=60, stage2_warmup_steps=25, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=200, n_exact=100)
+              stage2_steps=60, stage2_warmup_steps=25, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16,
+              n_eval=200, n_exact=100)
 QUICK = Budget(n_train=2400, n_val=400, clip_steps=70, clip_batch=16, clip_lr=5e-4, stage1_steps=8,
                stage2_steps=10, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=40, n_exact=20,
                bench_images=1, bench_repeats=1, probe_images=(400, 200), n_image_use=0)
@@ -150,7 +156,7 @@ class Demo:
         b = self.b
         self.run("data", [PY, "-m", "vision_pretrain.synthetic", "--out", self.data, "--n-train", b.n_train,
                           "--n-val", b.n_val, "--seed", "0", "--n-sqa", b.n_eval, "--workers", "2",
-                          "--n-warmup", 2 * b.llava_batch * b.stage2_warmup_steps])  # 2 ranks
+                          "--n-warmup", b.n_warmup_records])
 
     def clip(self):
         from vision_pretrain.runlog import summarize_clip_run
@@ -231,11 +237,11 @@ class Demo:
     def check_warmup_data(self):
         """The warm-up schedule trains instruct.json in file order: data from an older run (no warm-up block, or
         one of another size) would silently train on the wrong order, so stop with the fix instead."""
-        want = 2 * self.b.llava_batch * self.b.stage2_warmup_steps
-        meta = json.loads((self.data / "meta.json").read_text())
-        if meta["args"].get("n_warmup", 0) != want:
-            raise SystemExit(f"demo: {self.data} was generated with n_warmup={meta['args'].get('n_warmup', 0)}, this "
-                             f"budget needs {want} (an older data format); rerun with `make demo FRESH=1`")
+        want = self.b.n_warmup_records
+        have = json.loads((self.data / "meta.json").read_text())["args"].get("n_warmup", 0)
+        if have != want:
+            raise SystemExit(f"demo: {self.data} was generated with n_warmup={have}, this budget needs {want} (an "
+                             "older data format); rerun with `make demo FRESH=1`")
 
     def stage2(self):
         b = self.b
@@ -298,7 +304,8 @@ class Demo:
         if image_use:
             self.results["image_use"] = {stage: json.loads((ev / f"image_use_{stage}.json").read_text())
                                          for stage in image_use}
-        for (tag, _), (key, kind) in itertools.product(tags, (("scienceqa", "answers"), ("scienceqa_ranked", "ranked"))):
+        protocols = (("scienceqa", "answers"), ("scienceqa_ranked", "ranked"))  # letter, likelihood
+        for (tag, _), (key, kind) in itertools.product(tags, protocols):
             name = f"{kind}_{tag}"
             self.run(f"sqa-score-{name}", [PY, "-m", "drip_llava.eval.scienceqa", "score", "--base-dir", sqa,
                                            "--result-file", ev / f"sqa_{name}.jsonl",

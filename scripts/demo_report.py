@@ -186,7 +186,8 @@ def write_report(out: Path, results: dict, budget: dict, quick: bool):
               "likelihood: blank image | chance |", "|---|---|---|---|---|---|---|"]
         for k, r in skills.items():
             L.append(f"| {k} | {r['n']} | {_fmt(r['acc'])} | {_fmt(blank.get(k, {}).get('acc'))} | "
-                     f"{_fmt(r_im.get(k, {}).get('acc'))} | {_fmt(r_bl.get(k, {}).get('acc'))} | {_fmt(r['chance'])} |")
+                     f"{_fmt(r_im.get(k, {}).get('acc'))} | {_fmt(r_bl.get(k, {}).get('acc'))} | "
+                     f"{_fmt(r['chance'])} |")
         L.append("")
 
     if prefill:

@@ -1,6 +1,6 @@
 """drip_llava.eval.rank_choices: option scores (prompt once, options from its cache) equal the model's own loss on
-each whole sequence, a tiny model that learned an
-image-only answer ranks it first with the image and not with a blank one, and the real scorer reads the output."""
+each whole sequence, a tiny model that learned an image-only answer ranks it first with the image and not with a
+blank one, and the real scorer reads the output."""
 import json
 
 import pytest
@@ -31,7 +31,7 @@ def _sqa(base, image_root, grey=False):
         pid = str(i + 1)
         (image_root / pid).mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (128, 128), (128, 128, 128) if grey else COLOURS[name]).save(image_root / pid / "image.png")
-        # an option of several tokens, and a long text-only hint: batches mix lengths and need padding
+        # an option of several tokens: a problem's options differ in length and are padded in their batch
         choices = ["red", "blue", "light greenish yellow"]
         choices = choices[i % 3:] + choices[:i % 3]
         problems[pid] = _problem("image.png", choices, choices.index(name.lower()))

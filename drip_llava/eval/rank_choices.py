@@ -12,14 +12,14 @@ phrase." -> "Red"), scored by its mean log-probability per answer token (the tem
 included), and the best option's letter is written as the answer. The prompt and image run once per problem;
 the options continue from its KV cache (the demo's 222 problems: 89 s on one core, ~140 s as one padded sequence
 per option). Options often score within a few hundredths of a nat of each other: in bf16 the two computation
-orders disagree on 18 of those 222 picks, so prefer float32 for numbers you will quote. This is the cloze formulation small language
-models are evaluated with (OLMES; lighteval for SmolLM); the output is an answers jsonl that the real ScienceQA
-scorer reads unchanged, so accuracy, IMG accuracy and the blank-image control compare directly.
+orders disagree on 18 of those 222 picks, so prefer float32 for numbers you will quote. This is the cloze
+formulation small language models are evaluated with (OLMES; lighteval for SmolLM); the output is an answers
+jsonl that the real ScienceQA scorer reads unchanged, so accuracy, IMG accuracy and the blank-image control
+compare directly.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import uuid
 from pathlib import Path
 
@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from drip_llava.constants import IGNORE_INDEX, SHORT_ANSWER_PROMPT
+from drip_llava.eval import write_jsonl
 from drip_llava.eval.scienceqa import OPTIONS, context_text, load_split
-
 
 
 def choice_records(problems: dict, pids: list[str]) -> tuple[list[dict], list[tuple[str, int]]]:
@@ -145,14 +145,14 @@ def main(argv=None) -> dict:
     out = Path(args.answers_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     prompts = {pid: rec["conversations"][0]["value"] for rec, (pid, _) in zip(records, owners)}
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        for pid in pids:
-            s = scores[pid]
-            best = max(range(len(s)), key=s.__getitem__)
-            f.write(json.dumps({"question_id": pid, "prompt": prompts[pid], "text": OPTIONS[best], "answer_id": uuid.uuid4().hex[:22],
-                                "model_id": model_id, "metadata": {"choice_logprobs": s, "conv_mode": conv_mode}})
-                    + "\n")
+    rows = []
+    for pid in pids:
+        s = scores[pid]
+        best = max(range(len(s)), key=s.__getitem__)
+        rows.append({"question_id": pid, "prompt": prompts[pid], "text": OPTIONS[best], "answer_id": uuid.uuid4().hex,
+                     "model_id": model_id, "metadata": {"choice_logprobs": s, "conv_mode": conv_mode}})
+    tmp = out.with_suffix(out.suffix + ".tmp")  # all or nothing: a killed run leaves no half answers file
+    write_jsonl(tmp, rows)
     tmp.replace(out)
     print(f"ranked {len(pids)} problems ({len(records)} options) -> {out}")
     return scores
