@@ -54,3 +54,25 @@ def exit_after_main(main: Callable[[], Any]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def prebuild_deepspeed_ops() -> str:
+    """Build the C++ ops DeepSpeed would otherwise JIT-compile at the first launch (`make install` calls this).
+
+    On CPU, DeepSpeed's allreduce uses a shared-memory op it compiles on first use (~25 s on 2 cores, cached in
+    TORCH_EXTENSIONS_DIR): compile work that belongs to installing, not to the first training run. Other
+    accelerators need no such op here; returns what was done."""
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    builder = accel.create_op_builder("ShareMemCommBuilder")
+    if builder is None or not builder.is_compatible():
+        return f"no shared-memory comm op to build for accelerator {accel.device_name()!r}"
+    builder.load()
+    return f"built {builder.absolute_name()} for accelerator {accel.device_name()!r}"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--prebuild-ops"]:
+        raise SystemExit("usage: python -m drip_llava.distributed --prebuild-ops")
+    print(prebuild_deepspeed_ops())

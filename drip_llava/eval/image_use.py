@@ -32,13 +32,17 @@ def trained_template(model_path: str | Path) -> str | None:
     return json.loads(args.read_text())["model"]["version"] if args.is_file() else None
 
 
-def blank_image(tower) -> torch.Tensor:
-    """A flat grey image through the tower's own preprocessing."""
+def blank_pil_image(size: tuple[int, int]):
+    """The flat grey image of every blank-image control (this check, the demo's ScienceQA control)."""
     from PIL import Image
 
+    return Image.new("RGB", size, (int(round(255 * BLANK_GREY)),) * 3)
+
+
+def blank_image(tower) -> torch.Tensor:
+    """A flat grey image through the tower's own preprocessing."""
     size = tower.config.image_size
-    grey = int(round(255 * BLANK_GREY))
-    return tower.image_processor(Image.new("RGB", (size, size), (grey,) * 3))
+    return tower.image_processor(blank_pil_image((size, size)))
 
 
 @torch.no_grad()
