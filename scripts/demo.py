@@ -63,8 +63,8 @@ class Budget:
 # Calibrated on 2 cores: tiny CLIP towers start on a loss plateau (~ln(batch)); DRIP leaves it after ~35 steps,
 # ViT after ~50 (scripts/compare_clip.py). Steps fit the time budget on the slower of our machines (an EPYC without
 # AMX: LLaVA steps 4.3-4.9 s, CLIP steps 0.85-1.1 s in bf16; on a Xeon with AMX, 2.3 s and ~0.65 s). Measured there:
-# FULL 19.5 min, zero-shot top-1 ViT 9.8%, DRIP-4x 9.6%, DRIP-10x 8.4% (chance 2.5%); QUICK 6.5 min, DRIP-4x 9.3%
-# at 70 CLIP steps (5.3% at 60: too close to the QUICK test's 5% floor). Stage-1 lr 1e-2: tens of steps instead of
+# FULL 19.5 min, zero-shot top-1 ViT 9.8%, DRIP-4x 9.6%, DRIP-10x 8.4% (chance 2.5%); QUICK 5.8 min (session 9, 20
+# ScienceQA problems), DRIP-4x 9.3-9.75% at 70 CLIP steps (5.3% at 60: too close to the QUICK test's 5% floor). Stage-1 lr 1e-2: tens of steps instead of
 # LLaVA's ~2000 (1e-3 left the caption loss flat). Stage 2: 45 steps (90 until session 7, 60 in it): its loss has
 # fallen from ~3.4 to ~1 by step 45, and the shuffled mix never read the image (eval.image_use gap ~0). Session 8:
 # 25 warm-up steps of colour questions, then 35 of the mix: gap +0.012 +- 0.004, colour questions above blank.
@@ -405,7 +405,7 @@ def exact_match(qfile: Path, afile: Path) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smaller budget (~7 minutes on 2 cores); what CI runs")
+    p.add_argument("--quick", action="store_true", help="smaller budget (~6 minutes on 2 cores); what CI runs")
     p.add_argument("--fresh", action="store_true", help="delete OUT and start over")
     p.add_argument("--out", default=None, help="output folder (default playground/demo, or playground/demo-quick)")
     p.add_argument("--stages", default=None, help="comma-separated subset of stages to run (default: all)")
