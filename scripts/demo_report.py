@@ -137,7 +137,11 @@ def write_report(out: Path, results: dict, budget: dict, quick: bool):
           "from the synthetic shapes world and the embedded SmolLM2-135M-Instruct.", ""]
     L += ["Budget: " + ", ".join(f"{k}={v}" for k, v in budget.items()), ""]
     secs = results.get("seconds", {})
-    L += ["Stage times (s): " + ", ".join(f"{k} {v}" for k, v in secs.items()), ""]
+    L += ["Stage times (s): " + ", ".join(f"{k} {v}" for k, v in secs.items())]
+    if results.get("llm_conversion_seconds") is not None:
+        L += [f"(the LLM conversion took {results['llm_conversion_seconds']} s beside the boundary pictures and "
+              "probes; the llm stage only waits for it)"]
+    L += [""]
 
     L += ["## 1. CLIP pretraining at equal steps (2 ranks, torchrun)", ""] + clip_table(results.get("clip", {}))
     L += ["", f"Chance is {CHANCE_CLIP:.1f}% (40 classes).", "",
