@@ -62,12 +62,13 @@ class Budget:
 
 # Calibrated on 2 cores: tiny CLIP towers start on a loss plateau (~ln(batch)); DRIP leaves it after ~35 steps,
 # ViT after ~50 (scripts/compare_clip.py). Steps fit the time budget on the slower of our machines (an EPYC without
-# AMX: LLaVA steps 4.3-4.9 s, CLIP steps 0.85-1.1 s in bf16; on a Xeon with AMX, 2.3 s and ~0.65 s). Measured there:
-# FULL 19.5 min, zero-shot top-1 ViT 9.8%, DRIP-4x 9.6%, DRIP-10x 8.4% (chance 2.5%); QUICK 5.8 min (session 9, 20
-# ScienceQA problems), DRIP-4x 9.3-9.75% at 70 CLIP steps (5.3% at 60: too close to the QUICK test's 5% floor). Stage-1 lr 1e-2: tens of steps instead of
-# LLaVA's ~2000 (1e-3 left the caption loss flat). Stage 2: 45 steps (90 until session 7, 60 in it): its loss has
-# fallen from ~3.4 to ~1 by step 45, and the shuffled mix never read the image (eval.image_use gap ~0). Session 8:
-# 25 warm-up steps of colour questions, then 35 of the mix: gap +0.012 +- 0.004, colour questions above blank.
+# AMX: LLaVA steps 4.3-4.9 s, CLIP steps 0.85-1.1 s in bf16; on a Xeon with AMX, 2.3 s and ~0.65 s). Measured there
+# (session 9): FULL 16.4 min, zero-shot top-1 ViT 9.4%, DRIP-4x 9.1%, DRIP-10x 8.4% (chance 2.5%); QUICK 5.8 min,
+# DRIP-4x 9.3-9.75% at 70 CLIP steps (5.3% at 60: too close to the QUICK test's 5% floor). Stage-1 lr 1e-2: tens of
+# steps instead of LLaVA's ~2000 (1e-3 left the caption loss flat). Stage 2: 45 steps (90 until session 7, 60 in
+# it): its loss has fallen from ~3.4 to ~1 by step 45, and the shuffled mix never read the image (eval.image_use
+# gap ~0). Session 8: 25 warm-up steps of colour questions, then 35 of the mix: gap +0.012 +- 0.004, colour
+# questions above blank.
 FULL = Budget(n_train=8000, n_val=800, clip_steps=130, clip_batch=32, clip_lr=5e-4, stage1_steps=40,
               stage2_steps=60, stage2_warmup_steps=25, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16,
               n_eval=200, n_exact=100)
@@ -141,10 +142,9 @@ class Demo:
             print(f"[demo] {name}: done in an earlier run, reusing (make demo FRESH=1 to start over)")
             return
         print(f"\n[demo] ===== {name} =====", flush=True)
-        t = time.time()
-        fn()
+        seconds = timed(fn)
         self.results.setdefault("done", {})[name] = True
-        self.results.setdefault("seconds", {})[name] = round(time.time() - t, 1)
+        self.results.setdefault("seconds", {})[name] = seconds
         self.save()
 
     def save(self):
@@ -221,7 +221,9 @@ class Demo:
 
         if self.llm_job is None and not self.results.get("done", {}).get("llm"):
             code = "from drip_llava.model.embedded_llm import prepare_embedded_llm; print(prepare_embedded_llm())"
-            self.llm_job = ThreadPoolExecutor(1).submit(timed, self.run, "llm", [PY, "-c", code], None, "[llm] ")
+            pool = ThreadPoolExecutor(1)
+            self.llm_job = pool.submit(timed, self.run, "llm", [PY, "-c", code], None, "[llm] ")
+            pool.shutdown(wait=False)  # the job still runs; the pool takes no more
 
     def llm(self):
         self.start_llm()

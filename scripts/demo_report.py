@@ -139,8 +139,8 @@ def write_report(out: Path, results: dict, budget: dict, quick: bool):
     secs = results.get("seconds", {})
     L += ["Stage times (s): " + ", ".join(f"{k} {v}" for k, v in secs.items())]
     if results.get("llm_conversion_seconds") is not None:
-        L += [f"(the LLM conversion took {results['llm_conversion_seconds']} s beside the boundary pictures and "
-              "probes; the llm stage only waits for it)"]
+        L += [f"(the LLM conversion took {results['llm_conversion_seconds']} s beside earlier stages; the llm "
+              "stage only waits for it)"]
     L += [""]
 
     L += ["## 1. CLIP pretraining at equal steps (2 ranks, torchrun)", ""] + clip_table(results.get("clip", {}))
