@@ -201,13 +201,27 @@ def test_main_smoke_stage1_in_process(tiny_llm_dir, tiny_drip_dir, data_dir, tmp
     assert all(r["tokens_per_s"] > 0 for r in logs[1:]) and "skipped_bad_image" in logs[0]
     assert {"mm_projector.safetensors", "config.json", "vision_tower", "visual_token_counts.json"} <= \
         {p.name for p in out.iterdir()}
-    assert (out / "checkpoint-2" / "mm_projector.safetensors").is_file()
     assert json.loads((out / "config.json").read_text())["conv_mode"] == "plain"  # serving's default template
     proj = load_file(str(out / "mm_projector.safetensors"))
     loaded = load_pretrained_model(str(out), model_base=str(tiny_llm_dir), device="cpu")
     assert loaded.kind == "projector"
     state = loaded.model.mm_projector.state_dict()
     assert all(torch.equal(state[k], v) for k, v in proj.items())
+
+    # checkpoint-2 holds the projector and the optimizer state, not the frozen LLM, and resumes exactly
+    names = {p.name for p in (out / "checkpoint-2").iterdir()}
+    assert {"mm_projector.safetensors", "optimizer.pt", "trainer_state.json"} <= names
+    assert not names & {"model.safetensors", "pytorch_model.bin"}, names
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    main(base_args(tiny_llm_dir, tiny_drip_dir, data_dir, resumed) + [
+        "--version", "plain", "--tune_mm_mlp_adapter", "True", "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-2", "--max_steps", "4", "--save_steps", "2", "--group_by_modality_length", "True",
+        "--resume_from_checkpoint", "auto"])
+    assert [r["step"] for r in read_metrics(resumed) if "loss" in r] == [3, 4]
+    again = load_file(str(resumed / "mm_projector.safetensors"))
+    for k, v in proj.items():
+        torch.testing.assert_close(again[k], v, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed runs
@@ -248,16 +262,19 @@ def stage1_runs(tiny_llm_dir, tiny_drip_dir, data_dir, tmp_path_factory):
     outs = {}
     for stage in ("zero2", "zero3"):
         out = tmp_path_factory.mktemp(f"stage1_{stage}")
-        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
-               str(REPO / "scripts" / "pretrain_projector.py"),
-               *base_args(tiny_llm_dir, tiny_drip_dir, data_dir, out),
-               "--deepspeed", str(REPO / "scripts" / f"{stage}.json"), "--per_device_train_batch_size", "4",
-               "--learning_rate", "1e-2", "--max_steps", "8", "--save_steps", "4",
-               # zero2 keeps the script's 4 loader workers (skip counters in shared memory), zero3 loads in-process
-               *(["--dataloader_num_workers", "0"] if stage == "zero3" else [])]
-        run(cmd, ds_env(), out, out / "run.log")
+        run(stage1_cmd(stage, out, tiny_llm_dir, tiny_drip_dir, data_dir), ds_env(), out, out / "run.log")
         outs[stage] = out
     return outs
+
+
+def stage1_cmd(stage, out, tiny_llm_dir, tiny_drip_dir, data_dir, *extra):
+    return ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+            str(REPO / "scripts" / "pretrain_projector.py"),
+            *base_args(tiny_llm_dir, tiny_drip_dir, data_dir, out),
+            "--deepspeed", str(REPO / "scripts" / f"{stage}.json"), "--per_device_train_batch_size", "4",
+            "--learning_rate", "1e-2", "--max_steps", "8", "--save_steps", "4", "--save_total_limit", "2",
+            # zero2 keeps the script's 4 loader workers (skip counters in shared memory), zero3 loads in-process
+            *(["--dataloader_num_workers", "0"] if stage == "zero3" else []), *extra]
 
 
 @pytest.mark.slow
@@ -280,10 +297,42 @@ def test_stage1_deepspeed_zero2_zero3(stage1_runs, tiny_llm_dir, tiny_drip_dir):
         ref, saved = load_file(str(tiny_drip_dir / "model.safetensors")), \
             load_file(str(out / "vision_tower" / "model.safetensors"))
         assert ref.keys() == saved.keys() and all(torch.equal(ref[k], saved[k]) for k in ref)
-        assert (out / "checkpoint-8" / "mm_projector.safetensors").is_file()  # save_total_limit 1 (LLaVA)
+        assert (out / "checkpoint-8" / "mm_projector.safetensors").is_file()
     # same data, seed and batches: ZeRO-2 and ZeRO-3 agree
     for k in projs["zero2"]:
         torch.testing.assert_close(projs["zero2"][k], projs["zero3"][k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_stage1_checkpoints_hold_no_frozen_llm_and_resume_exactly(stage1_runs, tiny_llm_dir, tiny_drip_dir, data_dir,
+                                                                  tmp_path):
+    """checkpoint-N keeps the projector, its Adam state and the schedule, not the frozen LLM (which the Trainer +
+    DeepSpeed would store twice); a copy of checkpoint-4 continues to step 8 as the run did."""
+    llm_bytes = (tiny_llm_dir / "model.safetensors").stat().st_size
+    for stage, out in stage1_runs.items():
+        ckpt = out / "checkpoint-4"
+        names = {p.name for p in ckpt.iterdir()}
+        assert {"mm_projector.safetensors", "trainer_state.json", "global_step4"} <= names, (stage, names)
+        assert not names & {"model.safetensors", "pytorch_model.bin"}, (stage, names)
+        ds_bytes = sum(f.stat().st_size for f in (ckpt / "global_step4").rglob("*") if f.is_file())
+        print(f"{stage}: DeepSpeed state in checkpoint-4 {ds_bytes / 1e6:.2f} MB; the LLM {llm_bytes / 1e6:.1f} MB")
+        assert ds_bytes < llm_bytes / 10, (stage, ds_bytes, llm_bytes)
+
+        resumed = tmp_path / f"resumed_{stage}"
+        shutil.copytree(ckpt, resumed / "checkpoint-4")
+        log = resumed / "run.log"
+        run(stage1_cmd(stage, resumed, tiny_llm_dir, tiny_drip_dir, data_dir, "--resume_from_checkpoint", "auto"),
+            ds_env(), resumed, log)
+        assert "resuming from" in log.read_text()
+        logs = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+        relogs = {r["step"]: r["loss"] for r in read_metrics(resumed) if "loss" in r}
+        assert sorted(relogs) == [5, 6, 7, 8], (stage, sorted(relogs))
+        for s in relogs:
+            assert abs(relogs[s] - logs[s]) < 1e-4, (stage, s, relogs[s], logs[s])
+        proj = load_file(str(out / "mm_projector.safetensors"))
+        again = load_file(str(resumed / "mm_projector.safetensors"))
+        for k in proj:
+            torch.testing.assert_close(again[k], proj[k], atol=1e-5, rtol=1e-4)
 
 
 def finetune(out, port, tiny_llm_dir, tiny_drip_dir, data_dir, adapter, log, **env):

@@ -127,6 +127,9 @@ class Recipe:
 
     name = ""
     saves_full_model = True  # whether the Trainer's own model save is a useful output at the end
+    # checkpoint-N holds only what trains (recipe files + optimizer state); a resume takes the frozen rest from
+    # --model_name_or_path / --vision_tower again instead of storing the whole LLM in every checkpoint
+    trainable_only_checkpoints = False
 
     def __init__(self, model_args, data_args, training_args):
         self.model_args, self.data_args, self.args = model_args, data_args, training_args
@@ -180,6 +183,10 @@ class Recipe:
     def save(self, model: nn.Module, out_dir: str, is_main: bool, final: bool) -> None:
         """Recipe files in `out_dir` (output_dir at the end, checkpoint-N during training)."""
 
+    def load_trainable(self, model: nn.Module, ckpt_dir: str) -> None:
+        """Restore what `save` wrote to checkpoint-N (resume without DeepSpeed, trainable_only_checkpoints)."""
+        raise NotImplementedError(f"recipe {self.name!r} has no trainable-only checkpoints")
+
     def _save_config_and_tower(self, model: nn.Module, out_dir: str, is_main: bool) -> None:
         """config.json (the DripLlava config: tower config, select layer, projector kind) and vision_tower/
         (gathered weights), so the folder loads without the original tower path."""
@@ -203,6 +210,7 @@ class Stage1Recipe(Recipe):
     """Feature alignment: only the projector learns."""
 
     saves_full_model = False
+    trainable_only_checkpoints = True
 
     def configure(self, model):
         model.requires_grad_(False)
@@ -218,6 +226,9 @@ class Stage1Recipe(Recipe):
         self._save_config_and_tower(model, out_dir, is_main)  # after: its inference config.json wins
         if is_main:
             self._save_args(out_dir)
+
+    def load_trainable(self, model, ckpt_dir):
+        unwrap(model).load_mm_projector(os.path.join(ckpt_dir, "mm_projector.safetensors"))
 
 
 @register_recipe("full")
