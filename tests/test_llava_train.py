@@ -363,6 +363,9 @@ def test_stage2_lora_zero3_resume_merge_generate(stage1_runs, tiny_llm_dir, tiny
         assert {"adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors",
                 "config.json", "vision_tower"} <= names, d
     assert "global_step4" in {p.name for p in (full / "checkpoint-4").iterdir()}  # optimizer state for resume
+    # without the frozen LLM (DeepSpeed's own exclusion kept the tied lm_head = the whole embedding matrix)
+    ds_bytes = sum(f.stat().st_size for f in (full / "checkpoint-4" / "global_step4").rglob("*") if f.is_file())
+    assert ds_bytes < (tiny_llm_dir / "model.safetensors").stat().st_size / 10, ds_bytes
     logs = {r["step"]: r["loss"] for r in read_metrics(full) if "loss" in r}
     assert sorted(logs) == list(range(1, 9))
 
@@ -432,3 +435,6 @@ def test_stage2_qlora_4bit_zero2(stage1_runs, tiny_llm_dir, tiny_drip_dir, data_
     assert all(v.dtype == torch.float32 for v in nl.values())
     loaded = load_pretrained_model(str(out), model_base=str(tiny_llm_dir), device="cpu")
     assert loaded.kind == "lora" and (out / "checkpoint-3" / "adapter_model.safetensors").is_file()
+    # under ZeRO-2 DeepSpeed's own frozen-parameter exclusion kept the tied lm_head (the whole embedding matrix)
+    ds_bytes = sum(f.stat().st_size for f in (out / "checkpoint-3" / "global_step3").rglob("*") if f.is_file())
+    assert ds_bytes < (tiny_llm_dir / "model.safetensors").stat().st_size / 10, ds_bytes

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch.utils.data import Sampler, SequentialSampler
 from accelerate.utils import DeepSpeedSchedulerWrapper
+from peft import PeftModel
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_pt_utils import get_length_grouped_indices
@@ -176,10 +177,12 @@ class DripLlavaTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if not (self.is_deepspeed_enabled and self._trainable_only):
+        """DeepSpeed state without frozen weights where the resume loads non-strictly: trainable-only checkpoints
+        (see _prepare_for_training) and LoRA (the Trainer's own rule). DeepSpeed's exclude_frozen_parameters drops
+        the frozen names named_parameters() lists, which holds a tied weight once: lm_head.weight (= the
+        embeddings, 56 MB for SmolLM2) stayed. So keep exactly the trainable parameters and the buffers."""
+        if not (self.is_deepspeed_enabled and (self._trainable_only or isinstance(self.model, PeftModel))):
             return super()._save_optimizer_and_scheduler(output_dir)
-        # DeepSpeed's exclude_frozen_parameters drops frozen names found by named_parameters(), which lists a tied
-        # weight once: lm_head.weight (= the embeddings) would stay. Keep exactly the trainable parameters + buffers.
         module = self.model_wrapped.module
         keep = {n for n, p in module.named_parameters() if p.requires_grad} | {n for n, _ in module.named_buffers()}
 
