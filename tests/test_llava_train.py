@@ -1,6 +1,7 @@
 """The LLaVA trainer: flags, recipes (freezing, LoRA targets, QLoRA keeps the vision modules out of quantization),
 optimizer groups, an in-process smoke run, and (slow) DeepSpeed runs on 2 CPU ranks: stage 1 under ZeRO-2 and
-ZeRO-3, stage-2 LoRA under ZeRO-3 with resume and merge, QLoRA under ZeRO-2."""
+ZeRO-3 (trainable-only checkpoints, exact resume), stage-2 LoRA under ZeRO-3 with resume and merge, under ZeRO-3 with
+CPU offload, QLoRA (4- and 8-bit) under ZeRO-2."""
 import json
 import os
 import random
@@ -420,15 +421,19 @@ def test_stage2_lora_zero3_resume_merge_generate(stage1_runs, tiny_llm_dir, tiny
 
 
 @pytest.mark.slow
-def test_stage2_qlora_4bit_zero2(stage1_runs, tiny_llm_dir, tiny_drip_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_stage2_qlora_zero2(bits, stage1_runs, tiny_llm_dir, tiny_drip_dir, data_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     from drip_llava.model import load_pretrained_model
 
     out = tmp_path / "qlora"
     finetune(out, free_port(), tiny_llm_dir, tiny_drip_dir, data_dir, stage1_runs["zero2"], tmp_path / "qlora.log",
-             BITS=4, MAX_STEPS=3, SAVE_STEPS=2)
+             BITS=bits, MAX_STEPS=3, SAVE_STEPS=2)
     log = (tmp_path / "qlora.log").read_text()
-    assert "BITS=4" in log and "zero2.json" in log
+    assert f"BITS={bits}" in log and "zero2.json" in log
+    # 2 decoder layers x 7 linear layers each; lm_head and the vision modules stay out
+    layer = {4: "Linear4bit", 8: "Linear8bitLt"}[bits]
+    assert f"quantized linear layers: {{'{layer}': 14}}" in log, [ln for ln in log.splitlines() if "quantized" in ln]
     assert len([r for r in read_metrics(out) if "loss" in r]) == 3
     nl = load_file(str(out / "non_lora_trainables.safetensors"))
     assert sorted(nl) == sorted(f"mm_projector.{i}.{w}" for i in (0, 2) for w in ("weight", "bias"))
@@ -438,3 +443,16 @@ def test_stage2_qlora_4bit_zero2(stage1_runs, tiny_llm_dir, tiny_drip_dir, data_
     # under ZeRO-2 DeepSpeed's own frozen-parameter exclusion kept the tied lm_head (the whole embedding matrix)
     ds_bytes = sum(f.stat().st_size for f in (out / "checkpoint-3" / "global_step3").rglob("*") if f.is_file())
     assert ds_bytes < (tiny_llm_dir / "model.safetensors").stat().st_size / 10, ds_bytes
+
+
+@pytest.mark.slow
+def test_stage2_lora_zero3_offload(stage1_runs, tiny_llm_dir, tiny_drip_dir, data_dir, tmp_path):
+    """scripts/zero3_offload.json (LLaVA's OOM preset: optimizer and parameters on the CPU) trains and saves."""
+    out = tmp_path / "offload"
+    finetune(out, free_port(), tiny_llm_dir, tiny_drip_dir, data_dir, stage1_runs["zero3"], tmp_path / "offload.log",
+             DS_CONFIG=REPO / "scripts" / "zero3_offload.json", MAX_STEPS=3, SAVE_STEPS=2)
+    assert "zero3_offload.json" in (tmp_path / "offload.log").read_text()
+    logs = [r for r in read_metrics(out) if "loss" in r]
+    assert len(logs) == 3 and all(r["loss"] == r["loss"] for r in logs)  # no NaN
+    nl = load_file(str(out / "non_lora_trainables.safetensors"))
+    assert nl and all(v.numel() > 0 for v in nl.values())  # gathered, not ZeRO-3's empty partitions

@@ -346,7 +346,20 @@ class QLoraRecipe(LoraRecipe):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.args.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
                                                 or {"use_reentrant": False})
+        logger.info("quantized linear layers: %s", quantized_layers(model))
         return super().configure(model)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, int]:
+    """{bitsandbytes layer class: count}, e.g. {'Linear4bit': 14}: what --bits really did to the model."""
+    import bitsandbytes as bnb
+
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, kinds):
+            out[type(m).__name__] = out.get(type(m).__name__, 0) + 1
+    return out
 
 
 def describe_trainable(model: nn.Module) -> dict:
