@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch.distributed as dist
@@ -61,8 +62,14 @@ def prebuild_deepspeed_ops() -> str:
 
     On CPU, DeepSpeed's allreduce uses a shared-memory op it compiles on first use (~25 s on 2 cores, cached in
     TORCH_EXTENSIONS_DIR): compile work that belongs to installing, not to the first training run. Other
-    accelerators need no such op here; returns what was done."""
+    accelerators need no such op here; returns what was done.
+
+    The build runs with this environment's bin/ first on PATH, as the launchers run (`deepspeed`, torchrun, the
+    demo, the tests): torch builds with the first `ninja` on PATH, and a system ninja (1.11) beside the venv's
+    (1.13) each rejects the other's build log and recompiles everything (~37 s at every alternation)."""
     from deepspeed.accelerator import get_accelerator
+
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
     accel = get_accelerator()
     builder = accel.create_op_builder("ShareMemCommBuilder")
