@@ -1,4 +1,5 @@
-"""ScienceQA convert + score on a hand-made problems.json (every parsing rule, IMG vs overall)."""
+"""ScienceQA convert + score on a hand-made problems.json: every parsing rule, and LLaVA's eval_science_qa.py numbers
+(worked out by hand from its rules) beside the project's own definitions."""
 
 import json
 
@@ -45,8 +46,11 @@ def base_dir(tmp_path):
 
 @pytest.mark.parametrize("text,expected", [
     ("C", "C"),                                  # rule 1: exact option letter
-    ("  B\n", "B"),                              # ... surrounding whitespace ignored
+    (" B", "FAILED"),                            # LLaVA parses the text as written: no stripping
+    ("B\n", "FAILED"),
     ("B. slippery", "B"),                        # rule 2: "X. " at the start
+    ("B. ", "B"),                                # ... even with nothing after it
+    ("B.", "FAILED"),                            # ... but the space is needed
     ("I think so. The answer is C. Because", "C"),  # rule 3: one 'The answer is X.'
     ("The answer is A. No wait, the answer is B.", "A"),  # case-sensitive: 'the answer' does not count
     ("The answer is A. The answer is B.", "FAILED"),      # two matches -> wrong
@@ -96,45 +100,60 @@ def test_convert_qcm_and_bad_format(base_dir):
         scienceqa.convert(str(base_dir), "dev")
 
 
-def test_score_overall_img_and_groups(base_dir, tmp_path):
+def test_score_llava_numbers_and_ours(base_dir, tmp_path, capsys):
+    """LLaVA's eval_science_qa.py on this file, by hand: it parses the raw text, counts every split problem
+    (missing = wrong) and counts IMG over the answers whose prompt holds "<image>" (a missing answer has none)."""
     answers = [
-        {"question_id": "1", "prompt": "<image>\n...", "text": "C"},          # correct (exact), IMG
-        {"question_id": "2", "prompt": "<image>\n...", "text": "A. Ohio"},    # wrong (rule 2), IMG
-        {"question_id": "3", "prompt": "...", "text": "The answer is B."},    # correct (rule 3)
-        {"question_id": "4", "prompt": "...", "text": "it is four"},          # garbage -> wrong
-        {"question_id": "5", "prompt": "<image>\n...", "text": "E"},          # correct, IMG
-        {"question_id": "6", "prompt": "...", "text": "C"},                   # letter beyond 2 choices -> wrong
-        # "7" has no answer line -> counted missing, wrong
-        {"question_id": "99", "prompt": "...", "text": "A"},                  # not in the split -> counted
+        {"question_id": "1", "prompt": "<image>\n...", "text": "C. "},        # rule 2 -> C, correct
+        {"question_id": "2", "prompt": "<image>\n...", "text": "A. Ohio"},    # A, wrong
+        {"question_id": "3", "prompt": "...", "text": " B"},                  # not stripped -> FAILED, wrong
+        {"question_id": "4", "prompt": "...", "text": "The answer is B. 4"},  # rule 3 -> B, correct
+        {"question_id": "5", "prompt": "<image>\n...", "text": "E\n"},        # not stripped -> FAILED, wrong
+        {"question_id": "6", "prompt": "<image>\n...", "text": "A"},          # correct; no image, but <image> prompt
+        # "7" (an image problem) has no answer line -> wrong, and not in LLaVA's IMG
+        {"question_id": "99", "prompt": "...", "text": "A"},                  # not in the split
     ]
-    # shuffled lines: pairing is by question_id
-    answers = answers[::-1]
     res = tmp_path / "answers.jsonl"
-    res.write_text("".join(json.dumps(a) + "\n" for a in answers))
+    res.write_text("".join(json.dumps(a) + "\n" for a in answers[::-1]))  # pairing is by question_id
     out, result = tmp_path / "out" / "o.jsonl", tmp_path / "out" / "r.json"
     rc = scienceqa.main(["score", "--base-dir", str(base_dir), "--result-file", str(res),
                          "--output-file", str(out), "--output-result", str(result)])
     assert rc == 0
     s = json.loads(result.read_text())
-    assert (s["correct"], s["count"]) == (3, 7)
-    assert s["acc"] == pytest.approx(300 / 7)
-    # IMG: pids 1, 2, 5, 7 -> correct 1 and 5
-    assert (s["img_correct"], s["img_count"]) == (2, 4)
-    assert s["img_acc"] == pytest.approx(50.0)
+    # LLaVA: correct = 1, 4, 6 of 7; IMG = answers 1, 2, 5, 6 (prompt has <image>), correct 1 and 6
+    assert capsys.readouterr().out.splitlines()[0] == "Total: 7, Correct: 3, Accuracy: 42.86%, IMG-Accuracy: 50.00%"
+    assert (s["correct"], s["count"]) == (3, 7) and s["acc"] == pytest.approx(300 / 7)
+    assert (s["img_correct"], s["img_count"]) == (2, 4) and s["img_acc"] == pytest.approx(50.0)
+    assert s["results"] == {"1": 2, "2": 0, "3": -1, "4": 1, "5": -1, "6": 0, "7": -1}
+    assert s["outputs"] == {"1": "C. ", "2": "A. Ohio", "3": " B", "4": "The answer is B. 4", "5": "E\n", "6": "A",
+                            "7": "FAILED"}
+    # ours: problems with an image 1, 2, 5, 7 -> only 1 correct
+    assert s["image_problems"] == {"acc": 25.0, "correct": 1, "count": 4}
     g = s["groups"]
     assert (g["NAT"]["correct"], g["NAT"]["count"]) == (2, 3)   # 1, 4, 5
-    assert (g["SOC"]["correct"], g["SOC"]["count"]) == (0, 3)   # 2, 6, 7
-    assert (g["LAN"]["correct"], g["LAN"]["count"]) == (1, 1)   # 3
-    assert (g["TXT"]["correct"], g["TXT"]["count"]) == (2, 2)   # 1, 3
-    assert (g["NO"]["correct"], g["NO"]["count"]) == (0, 2)     # 4, 6
+    assert (g["SOC"]["correct"], g["SOC"]["count"]) == (1, 3)   # 2, 6, 7
+    assert (g["LAN"]["correct"], g["LAN"]["count"]) == (0, 1)   # 3
+    assert (g["TXT"]["correct"], g["TXT"]["count"]) == (1, 2)   # 1, 3
+    assert (g["IMG"]["correct"], g["IMG"]["count"]) == (1, 4)   # 1, 2, 5, 7
+    assert (g["NO"]["correct"], g["NO"]["count"]) == (2, 2)     # 4, 6
     assert (g["G1-6"]["correct"], g["G1-6"]["count"]) == (2, 4)   # 1, 3, 6, 7
     assert (g["G7-12"]["correct"], g["G7-12"]["count"]) == (1, 3)  # 2, 4, 5
     assert s["missing_answers"] == 1 and s["unknown_answers"] == 1
-    assert s["unparsed_answers"] == 1 and s["out_of_range_answers"] == 1
-    assert s["results"] == {"1": 2, "2": 0, "3": 1, "4": -1, "5": 4, "6": -1, "7": -1}
+    assert s["unparsed_answers"] == 2 and s["out_of_range_answers"] == 0
     recs = {r["question_id"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert recs["7"]["missing"] and recs["7"]["parsed_ans"] == "FAILED"
-    assert recs["6"]["parsed_ans"] == "C" and not recs["6"]["correct"]
+    assert recs["7"]["missing"] and recs["7"]["parsed_ans"] == "FAILED" and not recs["7"]["is_multimodal"]
+    assert recs["6"]["is_multimodal"] and not recs["6"]["has_image"]
+
+
+def test_score_letter_beyond_choices_and_empty_img(base_dir):
+    """A letter past a problem's choices is wrong; with no "<image>" prompt LLaVA's IMG-Accuracy divides by zero
+    (it crashes): n/a here."""
+    problems, pids = scienceqa.load_split(str(base_dir), "test")
+    _, s = scienceqa.score(problems, pids, [{"question_id": "6", "prompt": "...", "text": "C"},
+                                            {"question_id": "4", "prompt": "...", "text": "B"}])
+    assert (s["correct"], s["count"], s["out_of_range_answers"], s["missing_answers"]) == (1, 7, 1, 5)
+    assert s["img_acc"] is None and s["img_count"] == 0
+    assert scienceqa.format_summary(s).splitlines()[0] == "Total: 7, Correct: 1, Accuracy: 14.29%, IMG-Accuracy: n/a"
 
 
 def test_score_tolerates_bad_answer_lines_and_problems(base_dir, tmp_path):

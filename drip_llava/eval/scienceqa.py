@@ -5,9 +5,15 @@
         --output-file out.jsonl --output-result result.json
 
 ``DIR`` holds the official ``problems.json`` and ``pid_splits.json`` (images under ``DIR/images/<split>``).
-Prompts and parsing follow LLaVA so numbers are comparable; unlike LLaVA, problems without an answer
-line are counted and reported (and scored wrong, as LLaVA does), and IMG accuracy is decided from
-the problem's image, not from the prompt text.
+``score`` prints and stores LLaVA's numbers (llava/eval/eval_science_qa.py) under LLaVA's names: ``acc`` /
+``correct`` / ``count`` over every problem of the split (a missing answer is wrong) and IMG-Accuracy (``img_acc``)
+over the answers whose prompt holds "<image>" (a missing answer is not in it), with LLaVA's parsing of the raw
+text. The project's own numbers have other names: ``image_problems`` (problems that have an image, a missing
+answer wrong: ScienceQA's IMG), ``groups`` (ScienceQA's breakdown, by problem) and counts of missing, unparsed
+and out-of-range answers. Inputs LLaVA's script crashes on (a problem without an answer index, an answer whose
+text is not a string, no "prompt") are skipped and counted, scored wrong, and not multimodal, respectively.
+Answers pair with problems by str(question_id) (LLaVA: the raw id; ScienceQA's pids are strings, so only a file
+with integer ids differs: LLaVA scores it all missing).
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ import re
 import sys
 from collections import Counter
 
-from drip_llava.constants import MC_ANSWER_PROMPT
-from drip_llava.eval import index_by_question_id, qid_key, read_jsonl, write_jsonl
+from drip_llava.constants import DEFAULT_IMAGE_TOKEN, MC_ANSWER_PROMPT
+from drip_llava.eval import index_by_question_id, read_jsonl, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +117,9 @@ def convert(base_dir: str, split: str = "test", prompt_format: str = "CQM-A", us
 # ---------------------------------------------------------------- score
 
 def parse_answer(text: str) -> str:
-    """LLaVA's rules, in order: the text is an option letter; else it starts with "X. ";
-    else it holds exactly one 'The answer is X.'; else "FAILED"."""
-    t = text.strip()
+    """LLaVA's rules on the text as written (no stripping: " B" fails, "B. " is B), in order: the text is an option
+    letter; else it starts with "X. "; else it holds exactly one 'The answer is X.'; else "FAILED"."""
+    t = text
     if t in OPTIONS:
         return t
     if len(t) >= 3 and t[0] in OPTIONS and t[1:3] == ". ":
@@ -153,11 +159,14 @@ def _acc(correct: int, count: int) -> float | None:
 
 
 def score(problems: dict, pids: list[str], predictions: list[dict], result_path: str = "<predictions>") -> tuple[list[dict], dict]:
-    """Score predictions against a split. Returns (one record per problem, the summary dict)."""
+    """Score predictions against a split. Returns (one record per problem, the summary dict: LLaVA's acc / correct /
+    count / img_acc / img_correct / img_count / results / outputs, then the project's image_problems, groups and
+    counts; see the module docstring)."""
     preds = index_by_question_id(predictions, result_path)
     pid_set = set(pids)
     unknown = sorted(k for k in preds if k not in pid_set)
     counts: Counter = Counter()
+    img, image_problems = Counter(), Counter()  # LLaVA's IMG (by prompt), ours (by problem)
     group_counts = {g: Counter() for g in GROUPS}
     records, results, outputs = [], {}, {}
     for pid in pids:
@@ -171,12 +180,13 @@ def score(problems: dict, pids: list[str], predictions: list[dict], result_path:
         pred = preds.get(pid)
         if pred is None:
             counts["missing_answers"] += 1
-            text = None
-        elif not isinstance(pred.get("text"), str):
-            counts["malformed_answers"] += 1
-            text = None
+            text, prompt = None, "Unknown"  # LLaVA's stand-in for a missing answer
         else:
-            text = pred["text"]
+            text = pred["text"] if isinstance(pred.get("text"), str) else None
+            if text is None:
+                counts["malformed_answers"] += 1
+            prompt = pred["prompt"] if isinstance(pred.get("prompt"), str) else ""
+        is_multimodal = DEFAULT_IMAGE_TOKEN in prompt  # LLaVA's IMG membership
         letter = parse_answer(text) if text is not None else "FAILED"
         if letter == "FAILED" and text is not None:
             counts["unparsed"] += 1
@@ -187,6 +197,12 @@ def score(problems: dict, pids: list[str], predictions: list[dict], result_path:
         groups = problem_groups(prob)
         counts["count"] += 1
         counts["correct"] += correct
+        if is_multimodal:
+            img["count"] += 1
+            img["correct"] += correct
+        if prob.get("image"):
+            image_problems["count"] += 1
+            image_problems["correct"] += correct
         for g in groups:
             group_counts[g]["count"] += 1
             group_counts[g]["correct"] += correct
@@ -194,13 +210,16 @@ def score(problems: dict, pids: list[str], predictions: list[dict], result_path:
         outputs[pid] = text if text is not None else "FAILED"
         records.append({
             "question_id": pid, "parsed_ans": letter, "pred_idx": idx, "ground_truth": OPTIONS[gt],
-            "correct": correct, "pred": text, "missing": pred is None, "has_image": bool(prob.get("image")),
-            "groups": groups,
+            "correct": correct, "pred": text, "question": prompt, "is_multimodal": is_multimodal,
+            "missing": pred is None, "has_image": bool(prob.get("image")), "groups": groups,
         })
-    img = group_counts["IMG"]
     summary = {
+        # LLaVA's eval_science_qa.py
         "acc": _acc(counts["correct"], counts["count"]), "correct": counts["correct"], "count": counts["count"],
         "img_acc": _acc(img["correct"], img["count"]), "img_correct": img["correct"], "img_count": img["count"],
+        # the project's
+        "image_problems": {"acc": _acc(image_problems["correct"], image_problems["count"]),
+                           "correct": image_problems["correct"], "count": image_problems["count"]},
         "groups": {g: {"acc": _acc(c["correct"], c["count"]), "correct": c["correct"], "count": c["count"]}
                    for g, c in group_counts.items()},
         "missing_answers": counts["missing_answers"],      # problems with no answer line (scored wrong)
@@ -215,11 +234,15 @@ def score(problems: dict, pids: list[str], predictions: list[dict], result_path:
 
 
 def format_summary(s: dict) -> str:
+    """LLaVA's line exactly (n/a where LLaVA divides by zero), then the project's numbers."""
     def pct(v):
-        return "  n/a" if v is None else f"{v:6.2f}"
-    lines = [f"Total: {s['count']}, Correct: {s['correct']}, Accuracy: {pct(s['acc']).strip()}%, "
-             f"IMG-Accuracy: {pct(s['img_acc']).strip()}% ({s['img_count']} with image)"]
-    lines.append("  ".join(f"{g}={pct(s['groups'][g]['acc']).strip()}({s['groups'][g]['count']})" for g in GROUPS))
+        return "n/a" if v is None else f"{v:.2f}%"
+    ip = s["image_problems"]
+    lines = [f"Total: {s['count']}, Correct: {s['correct']}, Accuracy: {pct(s['acc'])}, "
+             f"IMG-Accuracy: {pct(s['img_acc'])}"]
+    lines.append(f"Problems with an image (missing answers wrong): {ip['correct']}/{ip['count']}, {pct(ip['acc'])}")
+    lines.append("By problem: " + "  ".join(f"{g}={pct(s['groups'][g]['acc'])}({s['groups'][g]['count']})"
+                                            for g in GROUPS))
     notes = [f"{k}={s[k]}" for k in ("missing_answers", "malformed_answers", "unparsed_answers",
                                      "out_of_range_answers", "no_ground_truth", "unknown_answers") if s[k]]
     if notes:
@@ -245,7 +268,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--split", default="test")
     s.add_argument("--result-file", required=True, help="answers jsonl (question_id, text)")
     s.add_argument("--output-file", required=True, help="per-problem analysis jsonl")
-    s.add_argument("--output-result", required=True, help="summary json (acc, img_acc, groups, counts)")
+    s.add_argument("--output-result", required=True,
+                   help="summary json (LLaVA's acc, img_acc; the project's image_problems, groups, counts)")
     return p.parse_args(argv)
 
 
