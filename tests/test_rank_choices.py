@@ -1,6 +1,6 @@
 """drip_llava.eval.rank_choices: option scores (prompt once, options from its cache) equal the model's own loss on
 each whole sequence, a tiny model that learned an image-only answer ranks it first with the image and not with a
-blank one, and the real scorer reads the output."""
+blank one, the highest score's letter is the answer, and the real scorer reads the output."""
 import json
 
 import pytest
@@ -101,6 +101,23 @@ def test_ranking_reads_the_image_and_matches_the_training_loss(tiny_llm_dir, tin
     assert _accuracy(problems, blank, image_pids) <= 0.75, blank  # one grey image: the same pick for all
 
 
+@pytest.mark.parametrize("scores,letter", [
+    ([-1.2, -0.3, -2.0], "B"),                    # the highest mean log-prob (closest to 0) wins
+    ([-0.9, -0.7, -0.8, -3.0, -0.1], "E"),        # the fifth option is E
+    ([-0.5, -0.5], "A"),                          # a tie goes to the first option
+    ([float("nan"), -2.0, -1.0], "C"),            # a NaN never wins, even in first place
+    ([float("-inf"), -5.0], "B"),
+])
+def test_best_letter_is_the_argmax(scores, letter):
+    assert rank_choices.best_letter(scores) == letter
+
+
+@pytest.mark.parametrize("n", [0, 6])
+def test_best_letter_needs_one_to_five_options(n):
+    with pytest.raises(ValueError, match="option scores"):
+        rank_choices.best_letter([-1.0] * n)
+
+
 def test_cli_writes_answers_the_scorer_reads(tiny_llm_dir, tiny_drip_dir, tmp_path):
     model = DripLlavaForCausalLM.from_pretrained(str(tiny_llm_dir))
     model.initialize_vision_modules(str(tiny_drip_dir), "mlp2x_gelu", select_layer=-2)
@@ -113,6 +130,9 @@ def test_cli_writes_answers_the_scorer_reads(tiny_llm_dir, tiny_drip_dir, tmp_pa
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert [r["question_id"] for r in rows] == list(problems)
     assert all(r["text"] in "ABC" for r in rows)
+    for r in rows:  # the written letter is the argmax of the scores written beside it
+        s = r["metadata"]["choice_logprobs"]
+        assert r["text"] == "ABCDE"[s.index(max(s))]
     assert [len(r["metadata"]["choice_logprobs"]) for r in rows] == [3] * 8 + [2]
     assert rows[0]["prompt"].startswith("<image>\nContext: N/A\nQuestion: What colour")
     assert rows[-1]["prompt"].startswith("Context: Mia looked")

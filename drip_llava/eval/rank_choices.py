@@ -20,6 +20,7 @@ compare directly.
 from __future__ import annotations
 
 import argparse
+import math
 import uuid
 from pathlib import Path
 
@@ -97,6 +98,15 @@ def option_logprobs(model, items: list[dict]) -> list[float]:
     return ((lp * keep).sum(1) / keep.sum(1).clamp(min=1)).tolist()
 
 
+def best_letter(scores: list[float]) -> str:
+    """The letter of the highest-scoring option (the first on a tie); a NaN score (a half-precision overflow)
+    never wins."""
+    if not 1 <= len(scores) <= len(OPTIONS):
+        raise ValueError(f"{len(scores)} option scores; letters cover 1..{len(OPTIONS)}")
+    best = max(range(len(scores)), key=lambda i: -math.inf if math.isnan(scores[i]) else scores[i])
+    return OPTIONS[best]
+
+
 def rank_choices(model, dataset, owners: list[tuple[str, int]]) -> dict:
     """pid -> list of option scores (mean log-prob per answer token), in option order."""
     groups: dict[str, list[int]] = {}
@@ -148,8 +158,7 @@ def main(argv=None) -> dict:
     rows = []
     for pid in pids:
         s = scores[pid]
-        best = max(range(len(s)), key=s.__getitem__)
-        rows.append({"question_id": pid, "prompt": prompts[pid], "text": OPTIONS[best], "answer_id": uuid.uuid4().hex,
+        rows.append({"question_id": pid, "prompt": prompts[pid], "text": best_letter(s), "answer_id": uuid.uuid4().hex,
                      "model_id": model_id, "metadata": {"choice_logprobs": s, "conv_mode": conv_mode}})
     tmp = out.with_suffix(out.suffix + ".tmp")  # all or nothing: a killed run leaves no half answers file
     write_jsonl(tmp, rows)
