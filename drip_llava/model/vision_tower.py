@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from drip_llava.vision import DripVisionConfig, DripVisionModel, list_presets
+from drip_llava.vision.hf_clip_import import CLIP_MODEL_TYPES, is_hf_clip_folder
 
 OPEN_CLIP_PREFIX = "open_clip:"
 
@@ -38,12 +39,17 @@ def resolve_select_layer(config: DripVisionConfig, select_layer: int) -> int:
 
 def load_drip_model(spec: Any, **overrides) -> DripVisionModel:
     """A DripVisionModel from: an instance, a DripVisionConfig / config dict (random weights, to be filled from
-    a checkpoint), a DripVisionModel folder, an open_clip model (or its `.visual`), `open_clip:NAME[:PRETRAINED]`
-    (PRETRAINED = tag or local file; `overrides` such as compression=4.0 turn it into DRIP), or a preset name."""
+    a checkpoint), a DripVisionModel folder, an HF CLIP folder or model (config model_type clip /
+    clip_vision_model, e.g. openai/clip-vit-large-patch14-336 downloaded), an open_clip model (or its `.visual`),
+    `open_clip:NAME[:PRETRAINED]` (PRETRAINED = tag or local file), or a preset name. For the pretrained ViTs
+    (HF CLIP, open_clip) `overrides` such as compression=4.0 add a fresh boundary predictor: DRIP."""
     if isinstance(spec, DripVisionModel):
         if overrides:
             raise ValueError("config overrides cannot be applied to an already built DripVisionModel")
         return spec
+    config_type = getattr(getattr(spec, "config", None), "model_type", None)
+    if isinstance(spec, nn.Module) and config_type in CLIP_MODEL_TYPES:  # transformers' CLIP(Vision)Model
+        return DripVisionModel.from_hf_clip(spec, **overrides)
     if isinstance(spec, nn.Module):  # an open_clip CLIP model or its .visual ViT: the plain-ViT LLaVA baseline
         return DripVisionModel.from_open_clip(spec, **overrides)
     if isinstance(spec, DripVisionConfig):
@@ -59,6 +65,8 @@ def load_drip_model(spec: Any, **overrides) -> DripVisionModel:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"vision tower folder {path} has no config.json (found: "
                                     f"{sorted(p.name for p in path.iterdir())})")
+        if is_hf_clip_folder(path):
+            return DripVisionModel.from_hf_clip(path, **overrides)
         return DripVisionModel.from_pretrained(str(path), **overrides)
     if text.startswith(OPEN_CLIP_PREFIX):
         name, _, pretrained = text[len(OPEN_CLIP_PREFIX):].partition(":")

@@ -212,6 +212,14 @@ class DripVisionModel(PreTrainedModel):
 
         return from_open_clip(cls, model_or_name, preset=preset, **overrides)
 
+    @classmethod
+    def from_hf_clip(cls, src, preset: Optional[str] = None, **overrides) -> "DripVisionModel":
+        """From an HF CLIP folder (config.json model_type clip / clip_vision_model) or a CLIPVisionModel /
+        CLIPModel instance; overrides such as compression=4.0 add a fresh boundary predictor."""
+        from .hf_clip_import import from_hf_clip
+
+        return from_hf_clip(cls, src, preset=preset, **overrides)
+
     @property
     def preprocess(self):
         """PIL image -> normalised [3,H,W] tensor (resize shorter side, center crop), open_clip's eval transform."""

@@ -9,16 +9,32 @@ from torch import nn
 from .config import DripVisionConfig, get_preset_config
 
 
+def open_clip_create_kwargs(name: str, pretrained: Optional[str]) -> dict:
+    """Extra create_model arguments so the activation matches the weights. OpenAI's CLIP weights (and others in
+    open_clip's registry, e.g. laion400m, metaclip, dfn2b) were trained with QuickGELU, but open_clip's plain
+    configs (e.g. ViT-L-14-336) build GELU and only warn: ask for QuickGELU, what the `-quickgelu` configs do.
+    A local weight file records nothing about its activation: pick the `-quickgelu` config name yourself."""
+    import open_clip
+
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
+    model_cfg = open_clip.get_model_config(name) or {}
+    if tag_cfg.get("quick_gelu", False) and not model_cfg.get("quick_gelu", False):
+        return {"force_quick_gelu": True}
+    return {}
+
+
+def create_open_clip(name: str, pretrained: Optional[str] = None):
+    """open_clip.create_model with the activation its pretrained tag needs (downloads a tag when online)."""
+    import open_clip
+
+    return open_clip.create_model(name, pretrained=pretrained or None, **open_clip_create_kwargs(name, pretrained))
+
+
 def _open_clip_visual(model_or_name):
-    if isinstance(model_or_name, (tuple, list)):  # ('ViT-B-32', 'laion2b_s34b_b79k'): downloads when online
-        import open_clip
-
-        name, pretrained = model_or_name
-        model_or_name = open_clip.create_model(name, pretrained=pretrained)
+    if isinstance(model_or_name, (tuple, list)):  # ('ViT-B-32', 'laion2b_s34b_b79k')
+        model_or_name = create_open_clip(*model_or_name)
     elif isinstance(model_or_name, str):
-        import open_clip
-
-        model_or_name = open_clip.create_model(model_or_name, pretrained=None)
+        model_or_name = create_open_clip(model_or_name)
     return getattr(model_or_name, "visual", model_or_name)
 
 
