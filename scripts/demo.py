@@ -50,8 +50,9 @@ class Budget:
     # 10 stage-2 steps cannot read, and the check costs ~40 s there)
     n_image_use: int = 48
     # stage 2 starts with this many steps of colour-only questions, in file order (instruct.json's warm-up block,
-    # --keep_data_order), then the mix: the only stage-2 schedule we found that reads (session 8). 0 = plain
-    # shuffled mix (QUICK: 10 steps are too few for both, and its test asserts the loss falls)
+    # --keep_data_order), then the mix: of the stage-2 schedules measured, the one that reads colour (the shuffled
+    # 13-type mix does not; docs/experiments.md, "Curriculum"). 0 = plain shuffled mix (QUICK: 10 steps are too
+    # few for both, and its test asserts the loss falls)
     stage2_warmup_steps: int = 0
 
     @property
@@ -61,14 +62,14 @@ class Budget:
 
 
 # Calibrated on 2 cores: tiny CLIP towers start on a loss plateau (~ln(batch)); DRIP leaves it after ~35 steps,
-# ViT after ~50 (scripts/compare_clip.py). Steps fit the time budget on the slower of our machines (an EPYC without
-# AMX: LLaVA steps 4.3-4.9 s, CLIP steps 0.85-1.1 s in bf16; on a Xeon with AMX, 2.3 s and ~0.65 s). Measured there
-# (session 9): FULL 16.4 min, zero-shot top-1 ViT 9.4%, DRIP-4x 9.1%, DRIP-10x 8.4% (chance 2.5%); QUICK 5.8 min,
-# DRIP-4x 9.3-9.75% at 70 CLIP steps (5.3% at 60: too close to the QUICK test's 5% floor). Stage-1 lr 1e-2: tens of
-# steps instead of LLaVA's ~2000 (1e-3 left the caption loss flat). Stage 2: 45 steps (90 until session 7, 60 in
-# it): its loss has fallen from ~3.4 to ~1 by step 45, and the shuffled mix never read the image (eval.image_use
-# gap ~0). Session 8: 25 warm-up steps of colour questions, then 35 of the mix: gap +0.012 +- 0.004, colour
-# questions above blank.
+# ViT after ~50 (scripts/compare_clip.py). Steps fit the time budget on the slower of the measured machines (an
+# EPYC with AVX512-BF16 but no AMX: LLaVA steps 4.3-4.9 s, CLIP steps 0.85-1.1 s in bf16; on a Xeon with AMX, 2.3 s
+# and ~0.65 s): FULL ~16-20 min, zero-shot top-1 ViT 9.4%, DRIP-4x 9.1%, DRIP-10x 8.4% (chance 2.5%); QUICK ~6 min,
+# DRIP-4x 9.3-9.75% at 70 CLIP steps (5.3% at 60: too close to the QUICK test's 5% floor). docs/results.md has the
+# runs. Stage-1 lr 1e-2: tens of steps instead of LLaVA's ~2000 (at 1e-3 the caption loss stays flat). Stage 2: 60
+# steps, 25 of colour-only warm-up then 35 of the mix: the stage-2 loss is flat by step ~45, the shuffled mix alone
+# does not read the image (eval.image_use gap ~0), and the warm-up reads colour (held-out gap +0.012 +- 0.004,
+# colour questions above the blank-image control by likelihood; docs/experiments.md).
 FULL = Budget(n_train=8000, n_val=800, clip_steps=130, clip_batch=32, clip_lr=5e-4, stage1_steps=40,
               stage2_steps=60, stage2_warmup_steps=25, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16,
               n_eval=200, n_exact=100)

@@ -208,7 +208,7 @@ def write_report(out: Path, results: dict, budget: dict, quick: bool):
         L += ["Efficiency report of the trained model (`python -m drip_llava.eval.efficiency`):", "", "```",
               json.dumps({k: v for k, v in (eff.get("models", [eff])[0] if isinstance(eff, dict) else {}).items()
                           if k != "per_image"}, indent=1)[:1500], "```", ""]
-    L += ["LLaVA-Bench review runs when a judge endpoint is configured: see README (`eval/llavabench.sh`).", "",
+    L += ["LLaVA-Bench review runs when a judge endpoint is configured: see eval/README.md (`eval/llavabench.sh`).", "",
           "## Chat with the trained model", "", "```",
           f"python -m drip_llava.serve.gradio_app --model-path {out / 'stage2'} --model-base {results.get('llm')}",
           "```", ""]

@@ -1,7 +1,8 @@
 """Process-group setup from torchrun's environment; a plain `python -m ...` run is world size 1.
 
-Collectives here only ever move fixed-shape tensors (pooled embeddings, metric vectors): an all_gather whose
-shape depended on a rank's segment count would hang or time out (see notes/drip-algorithm.md).
+Collectives here only ever move fixed-shape tensors (pooled embeddings, metric vectors). DRIP's segment count
+varies per image, so a tensor sized by it differs between ranks, and torch.distributed's all_gather needs the same
+shape on every rank: gathering such a tensor would hang or time out.
 """
 from __future__ import annotations
 

@@ -331,9 +331,9 @@ def conversation(scene: dict, rng: random.Random) -> list[dict]:
 
 
 # Stage-2 reading warm-up: only the colour questions, short answers. SmolLM2-135M with LoRA learns to read
-# colour from the DRIP tokens when nearly every answer needs it, and not from the 13-type mix (session 8: 25
-# warm-up steps before 35 of the mix, in order, gave a held-out wrong-image gap of +0.012 +- 0.004 and colour
-# questions 33/69 by likelihood vs 25/69 blank; the mix alone +0.001, and no colour-type gain).
+# colour from the DRIP tokens when nearly every answer needs it, and not from the 13-type mix: 25 warm-up steps
+# before 35 of the mix, in order, give a held-out wrong-image gap of +0.012 +- 0.004 and colour questions 33/69
+# by likelihood vs 25/69 blank; the mix alone +0.001, and no colour-type gain (docs/experiments.md, "Curriculum").
 WARMUP_QUESTIONS = (_q_colour_largest, _q_colour_at, _q_colour_of_shape)
 
 

@@ -1,8 +1,9 @@
 """MACs per image of DRIP / ViT presets: an analytic formula and torch's FlopCounterMode, side by side.
 
-Why both: the seed table (fvcore on open_clip) missed the fused attention of the ViT baselines (ViT-B/32
-"2.96 GFLOPs" is MLP + patch embedding only; the true figure is ~4.41 GMACs). The analytic count is the
-reference that trainers and reports log; the counted one checks it against the real module graph.
+Why both: fvcore's counts on open_clip models (ViT-B/32 "2.96 GFLOPs", ViT-B/16 "11.33") miss the fused
+attention of the ViT baselines (2.96 is MLP + patch embedding only; the full figure is ~4.41 GMACs). The
+analytic count is the reference that trainers and reports log; the counted one checks it against the real module
+graph.
 
 Counted = FlopCounterMode FLOPs / 2, with SDPA forced onto its MATH backend (the fused CPU/GPU kernels are
 not counted). Both counts cover matmuls, convolutions and einsums only: LayerNorm, GELU, softmax, the

@@ -1,7 +1,9 @@
 """Pictures of DRIP's segments: each segment (a run of patches in raster order) gets one translucent colour,
 borders are drawn between neighbouring patches of different segments, and the token count goes in the title.
 
-Eval mode only (threshold, no noise), so the same image always gives the same picture.
+Eval mode only: the config's deterministic boundary rule (`eval_boundaries`; by default "expected", the
+round(sum sigmoid) highest-logit patches of each image; "threshold", sigmoid > threshold), no Gumbel noise, so
+the same image always gives the same picture.
 """
 from __future__ import annotations
 
@@ -106,7 +108,7 @@ def segment_overlay(model, pil_image: Image.Image) -> tuple[Image.Image, int]:
 
 
 def calibrate_on_images(model, images: Sequence[Image.Image]) -> float:
-    """Random-init presets only: set the predictor bias so these images get the target token rate."""
+    """Random-init presets only: set the predictor bias so these images get the config's target boundary rate."""
     from .bench import calibrate_boundary_bias
 
     p = next(model.parameters())
