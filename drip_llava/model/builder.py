@@ -3,6 +3,8 @@
   full       config.json (model_type drip_llava_llama) + model.safetensors[.index.json]
   lora       adapter_config.json (+ model_base, + non_lora_trainables.safetensors, config.json); merged with peft
   projector  mm_projector.safetensors (+ model_base, + config.json of the stage-1 run)
+  llava_hf / llava_upstream  LLaVA-1.5 folders (config.json model_type llava / llava_llama), converted on load
+             by drip_llava.model.convert_llava: the tower becomes DRIP at compression 1 (the CLIP ViT as it is)
 
 For lora/projector folders the tower weights come from, in order: the folder's `vision_tower/` (written by
 DripLlavaForCausalLM.save_mm_projector), `vision_tower.*` keys in non_lora_trainables, or the DRIP folder
@@ -20,8 +22,11 @@ from typing import Any
 
 import torch
 
+from drip_llava.data.image_processor import load_image_processor
 from drip_llava.model.llava_llama import DripLlavaConfig, DripLlavaForCausalLM
+from drip_llava.model.convert_llava import LLAVA_KINDS, detect_llava_layout, load_llava
 from drip_llava.model.projector import PROJECTOR_FILE
+from drip_llava.vision.hf_clip_import import weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +42,7 @@ _TOWER_ARCH_KEYS = ("image_size", "patch_size", "hidden_size", "depth", "num_hea
 class LoadedModel:
     tokenizer: Any
     model: Any
-    image_processor: Any  # PIL image -> normalised [3,H,W] tensor
+    image_processor: Any  # DripLlavaImageProcessor: PIL image or path -> normalised [3,H,W] tensor
     context_len: int
     kind: str = "full"  # which layout was found: full | lora | projector
     model_path: str = ""
@@ -69,7 +74,8 @@ def _read_json(path: Path) -> dict:
 
 
 def detect_checkpoint_kind(model_path: str | Path) -> str:
-    """'lora' | 'full' | 'projector', from the files in `model_path`; a clear error otherwise."""
+    """'lora' | 'full' | 'projector' | 'llava_hf' | 'llava_upstream' (LLaVA-1.5 layouts, converted on load by
+    drip_llava.model.convert_llava), from the files in `model_path`; a clear error otherwise."""
     folder = Path(model_path)
     if not folder.is_dir():
         raise FileNotFoundError(f"model path {folder} is not a folder")
@@ -80,6 +86,10 @@ def detect_checkpoint_kind(model_path: str | Path) -> str:
     model_type = _read_json(folder / "config.json").get("model_type") if "config.json" in names else None
     if has_weights and model_type == MODEL_TYPE:
         return "full"
+    llava_kind = detect_llava_layout(_read_json(folder / "config.json")) if "config.json" in names else None
+    if llava_kind is not None:
+        weight_files(folder)  # a clear error when the folder has none
+        return llava_kind
     if PROJECTOR_FILE in names or "mm_projector.bin" in names:
         return "projector"
     if has_weights and model_type is not None:
@@ -212,9 +222,12 @@ def _load_with_base(folder: Path, kind: str, model_base: str | None, load_kwargs
 
 def load_pretrained_model(model_path: str | Path, model_base: str | Path | None = None, load_8bit: bool = False,
                           load_4bit: bool = False, device: str | torch.device | None = None,
-                          torch_dtype: torch.dtype | None = None) -> LoadedModel:
-    """Tokenizer + model + image processor for a full, LoRA or projector-only folder (see module doc).
-    LoRA adapters are merged, except on a quantized base (kept as a peft model: merging needs full weights)."""
+                          torch_dtype: torch.dtype | None = None,
+                          vision_tower: str | Path | None = None) -> LoadedModel:
+    """Tokenizer + model + image processor for a full, LoRA or projector-only folder, or a LLaVA-1.5 folder in
+    llava-hf or upstream layout (see module doc). LoRA adapters are merged, except on a quantized base (kept as
+    a peft model: merging needs full weights). `vision_tower`: the local HF CLIP folder for an upstream
+    checkpoint whose mm_vision_tower is a hub id."""
     from transformers import AutoTokenizer
 
     folder = Path(model_path).expanduser()
@@ -233,6 +246,9 @@ def load_pretrained_model(model_path: str | Path, model_base: str | Path | None 
             notes.append(f"model_base {base} ignored: {folder} is a full checkpoint")
             logger.warning(notes[-1])
         model = DripLlavaForCausalLM.from_pretrained(str(folder), **load_kwargs)
+    elif kind in LLAVA_KINDS:
+        model, llava_notes = load_llava(folder, vision_tower, **load_kwargs)
+        notes.extend(llava_notes)
     else:
         model = _load_with_base(folder, kind, base, load_kwargs)
         if kind == "lora":
@@ -257,6 +273,11 @@ def load_pretrained_model(model_path: str | Path, model_base: str | Path | None 
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     tower = inner.get_vision_tower()
+    # the preprocessing trained with: preprocessor_config.json, else the recorded aspect ratio, else square
+    image_processor, note = load_image_processor(folder, tower.config, inner.config)
+    if note:
+        notes.append(note)
+        logger.info(note)
     context_len = int(getattr(inner.config, "max_position_embeddings", 2048) or 2048)
-    return LoadedModel(tokenizer=tokenizer, model=model, image_processor=tower.image_processor,
+    return LoadedModel(tokenizer=tokenizer, model=model, image_processor=image_processor,
                        context_len=context_len, kind=kind, model_path=str(folder), notes=notes)
