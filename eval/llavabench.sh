@@ -19,7 +19,9 @@
 #   JUDGE_BASE_URL  OpenAI-compatible base URL (default: https://api.openai.com/v1; vLLM/Ollama work too).
 #                   The key is read from OPENAI_API_KEY when set.
 #   JUDGE_CONCURRENCY  parallel judge requests (default: 1)
-#   CONV_MODE       conversation template (default: vicuna_v1)
+#   Generation: LLaVA's llavabench.sh settings (temperature 0, 1024 new tokens, one beam, conv mode vicuna_v1);
+#                   each is recorded in every answer's metadata. Override with CONV_MODE (e.g. the checkpoint's own
+#                   template), TEMPERATURE, MAX_NEW_TOKENS, TOP_P, NUM_BEAMS.
 #   GPULIST         comma-separated GPU ids (default: $CUDA_VISIBLE_DEVICES, else 0); chunk i runs on
 #                   GPULIST[i % #GPULIST]; ignored on a CPU-only machine
 #   NUM_CHUNKS      number of chunks (default: the number of GPUs in GPULIST)
@@ -41,7 +43,7 @@ if [[ "$BENCH" == "llava-bench-coco" ]]; then DEFAULT_PREFIX=""; else DEFAULT_PR
 RULE_PREFIX="${RULE_PREFIX-$DEFAULT_PREFIX}"
 JUDGE_BASE_URL="${JUDGE_BASE_URL:-https://api.openai.com/v1}"
 JUDGE_CONCURRENCY="${JUDGE_CONCURRENCY:-1}"
-CONV_MODE="${CONV_MODE:-vicuna_v1}"
+BENCHMARK=llavabench
 GPULIST="${GPULIST:-${CUDA_VISIBLE_DEVICES:-0}}"
 IFS=',' read -ra GPUS <<< "$GPULIST"
 NUM_CHUNKS="${NUM_CHUNKS:-${#GPUS[@]}}"

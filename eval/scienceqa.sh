@@ -9,7 +9,9 @@
 #   CKPT        name of the run, used for answer files (default: basename of MODEL_PATH)
 #   SPLIT       ScienceQA split from pid_splits.json (default: test)
 #   DATA_DIR    holds problems.json, pid_splits.json, images/$SPLIT (default: ./playground/data/eval/scienceqa)
-#   CONV_MODE   conversation template (default: vicuna_v1)
+#   Generation: LLaVA's sqa.sh settings (temperature 0, 1024 new tokens, one beam, conv mode vicuna_v1, the
+#   single-letter instruction in the prompt); each is recorded in every answer's metadata. Override with
+#   CONV_MODE (e.g. the checkpoint's own template), TEMPERATURE, MAX_NEW_TOKENS, TOP_P, NUM_BEAMS.
 #   GPULIST     comma-separated GPU ids (default: $CUDA_VISIBLE_DEVICES, else 0); chunk i runs on
 #               GPULIST[i % #GPULIST]; ignored on a CPU-only machine
 #   NUM_CHUNKS  number of chunks (default: the number of GPUs in GPULIST)
@@ -21,7 +23,7 @@ MODEL_BASE="${MODEL_BASE:-}"
 CKPT="${CKPT:-$(basename "$MODEL_PATH")}"
 SPLIT="${SPLIT:-test}"
 DATA_DIR="${DATA_DIR:-./playground/data/eval/scienceqa}"
-CONV_MODE="${CONV_MODE:-vicuna_v1}"
+BENCHMARK=scienceqa
 GPULIST="${GPULIST:-${CUDA_VISIBLE_DEVICES:-0}}"
 IFS=',' read -ra GPUS <<< "$GPULIST"
 NUM_CHUNKS="${NUM_CHUNKS:-${#GPUS[@]}}"

@@ -1,7 +1,6 @@
 """drip_llava.eval.generate (LLaVA answers jsonl, chunks, resume) and drip_llava.eval.efficiency (tokens, MACs,
 time to first token, side by side) on tiny checkpoints built here."""
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -76,9 +75,9 @@ def bench(tmp_path_factory, photos):
 
 
 def _args(model, images, qfile, answers, *extra):
+    """LLaVA-Bench's preset (greedy, vicuna_v1), with an explicit short answer."""
     return ["--model-path", str(model), "--question-file", str(qfile), "--image-folder", str(images),
-            "--answers-file", str(answers), "--conv-mode", "vicuna_v1", "--temperature", "0",
-            "--max-new-tokens", "6", *extra]
+            "--answers-file", str(answers), "--benchmark", "llavabench", "--max-new-tokens", "6", *extra]
 
 
 def _read(path):
@@ -105,6 +104,11 @@ def test_answers_file_format_and_metadata(full_run, bench, drip10_dir):
         assert r["prompt"] == q["text"] and r["model_id"] == Path(drip10_dir).name and r["text"]
         meta = r["metadata"]
         assert meta["prefill_ms"] > 0 and meta["new_tokens"] == 6 and meta["finish_reason"] == "length"
+        # the settings used: the preset's, except the explicit --max-new-tokens
+        assert {k: meta[k] for k in ("benchmark", "conv_mode", "temperature", "top_p", "num_beams",
+                                     "max_new_tokens")} == {"benchmark": "llavabench", "conv_mode": "vicuna_v1",
+                                                            "temperature": 0.0, "top_p": None, "num_beams": 1,
+                                                            "max_new_tokens": 6}
         if "image" in q:
             assert 1 <= meta["visual_tokens"] <= 20  # 64 patches, calibrated to ~10x
         else:
@@ -172,6 +176,47 @@ def test_missing_image_is_skipped_counted_and_retried(drip10_dir, bench, tmp_pat
         generate.main(_args(drip10_dir, images, dup, tmp_path / "d.jsonl"))
 
 
+def test_generation_settings_presets_and_explicit_flags():
+    """--benchmark takes LLaVA's eval-script settings, no preset takes model_vqa.py's defaults (1024 new tokens, not
+    128), and an explicit flag wins over either."""
+    base = ["--model-path", "m", "--question-file", "q", "--answers-file", "a"]
+    keys = ("temperature", "top_p", "num_beams", "max_new_tokens", "conv_mode")
+    upstream = (0.0, None, 1, 1024, "vicuna_v1")  # scripts/v1_5/eval/{llavabench,sqa}.sh
+    for bench in ("llavabench", "scienceqa"):
+        args = generate.parse_args([*base, "--benchmark", bench])
+        assert tuple(getattr(args, k) for k in keys) == upstream and args.explicit == []
+    args = generate.parse_args(base)
+    assert tuple(getattr(args, k) for k in keys) == (0.2, None, 1, 1024, None) and args.benchmark is None
+    args = generate.parse_args([*base, "--benchmark", "scienceqa", "--max-new-tokens", "8", "--conv-mode",
+                                "chat_template", "--temperature", "0.7", "--top_p", "0.9", "--num_beams", "2"])
+    assert tuple(getattr(args, k) for k in keys) == (0.7, 0.9, 2, 8, "chat_template")
+    assert args.explicit == sorted(keys)
+
+
+def test_benchmark_template_differing_from_the_checkpoints_is_flagged(drip10_dir, tmp_path, caplog):
+    """A checkpoint trained with another template gets LLaVA's vicuna_v1 under --benchmark (recorded), with a
+    warning naming its own; --conv-mode picks the checkpoint's."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(drip10_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "conv_mode": "chat_template"}))
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(json.dumps({"question_id": 1, "text": "Name a colour."}) + "\n")
+    base = ["--model-path", str(model), "--question-file", str(qfile), "--benchmark", "scienceqa",
+            "--max-new-tokens", "2"]
+    with caplog.at_level("WARNING", logger="drip_llava.eval.generate"):
+        generate.main([*base, "--answers-file", str(tmp_path / "a.jsonl")])
+    assert "records training with chat_template: pass --conv-mode chat_template" in caplog.text
+    assert _read(tmp_path / "a.jsonl")[0]["metadata"]["conv_mode"] == "vicuna_v1"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="drip_llava.eval.generate"):
+        generate.main([*base, "--conv-mode", "chat_template", "--answers-file", str(tmp_path / "b.jsonl")])
+    assert "records training with" not in caplog.text
+    assert _read(tmp_path / "b.jsonl")[0]["metadata"]["conv_mode"] == "chat_template"
+
+
 def test_get_chunk_matches_llava():
     def llava_get_chunk(lst, n, k):  # LLaVA's model_vqa.py
         import math
@@ -194,24 +239,54 @@ def test_get_chunk_matches_llava():
         get_chunk([1, 2], 2, 2)
 
 
-def test_flags_of_the_eval_scripts_parse():
-    """Every flag eval/*.sh passes to drip_llava.eval.generate is accepted (the scripts are the interface)."""
-    seen = 0
-    for script in sorted((REPO / "eval").glob("*.sh")):
-        text = script.read_text()
-        for block in re.findall(r"-m drip_llava\.eval\.generate \\\n(.*?)(?:&\n|\n\n)", text, re.S):
-            flags = re.findall(r"(--[a-z0-9_-]+)", block)
-            argv = []
-            for f in flags:
-                argv += [f] if f in ("--load-4bit", "--load-8bit") else [f, "1" if "chunk" in f or "temp" in f else "x"]
-            args = generate.parse_args(argv)
-            assert args.model_path == "x" and args.temperature == 1.0
-            seen += 1
-    assert seen >= 1
+FAKE_PYTHON = """#!/usr/bin/env bash
+# records each call's arguments (one a line); a generate call creates the answers file it would write
+printf '%s\\n' "$@" > "$CALLS/$(date +%s%N)-$$"
+if [[ "$2" == drip_llava.eval.generate ]]; then
+    prev=""; for a in "$@"; do if [[ "$prev" == --answers-file ]]; then : > "$a"; fi; prev="$a"; done
+fi
+"""
+
+
+def _run_eval_script(name, tmp_path, **env_vars):
+    """Run eval/NAME with PYTHON = a stand-in that records its calls; returns the parsed generate calls."""
+    import os
+    import subprocess
+
+    calls, data = tmp_path / "calls", tmp_path / "data"
+    calls.mkdir(parents=True)
+    data.mkdir()
+    for f in ("questions.jsonl", "answers_gpt4.jsonl", "context.jsonl", "rule.json"):  # llavabench.sh checks these
+        (data / f).write_text("")
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    overrides = ("CONV_MODE", "TEMPERATURE", "MAX_NEW_TOKENS", "TOP_P", "NUM_BEAMS", "NUM_CHUNKS", "MODEL_BASE")
+    env = {k: v for k, v in os.environ.items() if k not in overrides}
+    env.update(PYTHON=str(fake), CALLS=str(calls), MODEL_PATH="m", JUDGE_MODEL="j", DATA_DIR=str(data),
+               GPULIST="0,1", **env_vars)
+    subprocess.run(["bash", str(REPO / "eval" / name)], env=env, check=True, cwd=tmp_path, capture_output=True)
+    argvs = [f.read_text().splitlines() for f in sorted(calls.iterdir())]
+    return [generate.parse_args(a[2:]) for a in argvs if a[:2] == ["-m", "drip_llava.eval.generate"]]
+
+
+@pytest.mark.parametrize("script,benchmark", [("scienceqa.sh", "scienceqa"), ("llavabench.sh", "llavabench")])
+def test_eval_scripts_generate_with_llavas_settings(script, benchmark, tmp_path):
+    """eval/*.sh answer in GPULIST's chunks with LLaVA's settings for their benchmark; the override variables
+    reach generate as explicit flags."""
+    keys = ("temperature", "top_p", "num_beams", "max_new_tokens", "conv_mode")
+    runs = _run_eval_script(script, tmp_path / "default")
+    assert sorted(a.chunk_idx for a in runs) == [0, 1] and {a.num_chunks for a in runs} == {2}
+    for a in runs:
+        assert a.benchmark == benchmark and a.explicit == [] and a.model_path == "m"
+        assert tuple(getattr(a, k) for k in keys) == (0.0, None, 1, 1024, "vicuna_v1")
+    runs = _run_eval_script(script, tmp_path / "override", CONV_MODE="chat_template", MAX_NEW_TOKENS="8",
+                            TEMPERATURE="0.5", TOP_P="0.9", NUM_BEAMS="3")
+    for a in runs:
+        assert tuple(getattr(a, k) for k in keys) == (0.5, 0.9, 3, 8, "chat_template")
     # both benchmark scripts answer through the one chunked-generation helper
-    for name in ("scienceqa.sh", "llavabench.sh"):
-        text = (REPO / "eval" / name).read_text()
-        assert 'source "$(dirname "${BASH_SOURCE[0]}")/generate_chunks.sh"' in text and "generate_chunks " in text
+    text = (REPO / "eval" / script).read_text()
+    assert 'source "$(dirname "${BASH_SOURCE[0]}")/generate_chunks.sh"' in text and "generate_chunks " in text
 
 
 def test_scienceqa_end_to_end_with_generate(drip10_dir, tmp_path, photos):

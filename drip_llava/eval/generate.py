@@ -2,12 +2,16 @@
 
     python -m drip_llava.eval.generate --model-path M [--model-base B] --question-file q.jsonl \\
         --image-folder imgs/ --answers-file answers/4_0.jsonl --num-chunks 4 --chunk-idx 0 \\
-        --conv-mode vicuna_v1 --temperature 0
+        --benchmark llavabench
+
+Generation settings: `--benchmark llavabench|scienceqa` takes LLaVA's for that benchmark (its v1.5 eval scripts:
+temperature 0, 1024 new tokens, one beam, conv mode vicuna_v1); without it, LLaVA model_vqa.py's defaults
+(temperature 0.2, 1024 new tokens, one beam) and the checkpoint's template. Explicit flags win over both.
 
 Questions: jsonl {question_id, text, image (optional: text-only questions work), ...}. A "<image>" in the text is
 moved to the front of the prompt, as in training. Answers: {question_id, prompt, text, answer_id, model_id,
-metadata: {visual_tokens, prefill_ms, vision_ms, new_tokens, finish_reason}}, one line per question, flushed
-as it is written.
+metadata: {visual_tokens, prefill_ms, vision_ms, new_tokens, finish_reason, conv_mode, benchmark, max_new_tokens,
+temperature, top_p, num_beams}}, one line per question, flushed as it is written.
 
 Chunks are contiguous slices of ceil(N / K) questions (LLaVA's get_chunk); an out-of-range chunk is empty (LLaVA
 raised IndexError). Rerunning resumes: question_ids already in the answers file are skipped, new answers are
@@ -92,20 +96,37 @@ def load_questions(path: str) -> list[dict]:
     return questions
 
 
+# LLaVA's generation settings per benchmark: scripts/v1_5/eval/llavabench.sh (model_vqa.py) and sqa.sh
+# (model_vqa_science.py) pass --temperature 0 --conv-mode vicuna_v1; both generators fix max_new_tokens=1024 and
+# one beam (model_vqa.py's top_p defaults to None; model_vqa_science.py passes none).
+BENCHMARK_PRESETS = {
+    name: {"temperature": 0.0, "top_p": None, "num_beams": 1, "max_new_tokens": 1024, "conv_mode": "vicuna_v1"}
+    for name in ("llavabench", "scienceqa")
+}
+# Without --benchmark: model_vqa.py's argparse defaults (and its fixed 1024 new tokens); the checkpoint's template.
+GENERATION_DEFAULTS = {"temperature": 0.2, "top_p": None, "num_beams": 1, "max_new_tokens": 1024, "conv_mode": None}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """Parse, then fill each generation setting not given on the command line from --benchmark's preset, else from
+    GENERATION_DEFAULTS; `args.explicit` names the settings that were given."""
     p = argparse.ArgumentParser(prog="python -m drip_llava.eval.generate", description=__doc__.split("\n")[0])
     p.add_argument("--model-path", required=True)
     p.add_argument("--model-base", default=None)
     p.add_argument("--question-file", required=True)
     p.add_argument("--image-folder", default="", help="folder the questions' 'image' paths are relative to")
     p.add_argument("--answers-file", required=True)
-    p.add_argument("--conv-mode", default=None, help="template (default: the checkpoint's, else vicuna_v1)")
+    p.add_argument("--benchmark", default=None, choices=sorted(BENCHMARK_PRESETS),
+                   help="LLaVA's generation settings for this benchmark (explicit flags still win)")
+    p.add_argument("--conv-mode", default=None,
+                   help="template (default: --benchmark's, else the checkpoint's, else vicuna_v1)")
     p.add_argument("--num-chunks", type=int, default=1)
     p.add_argument("--chunk-idx", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.2; --benchmark: 0)")
     p.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None)
-    p.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=1)
-    p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=128)
+    p.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=None, help="default 1")
+    p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=None,
+                   help="default 1024 (LLaVA's)")
     p.add_argument("--load-8bit", action="store_true")
     p.add_argument("--load-4bit", action="store_true")
     p.add_argument("--device", default=None)
@@ -114,7 +135,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (each question reseeds: resumable)")
     p.add_argument("--model-id", default=None, help="model_id written in the answers (default: model folder name)")
     p.add_argument("--max-image-pixels", type=int, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    fill = BENCHMARK_PRESETS[args.benchmark] if args.benchmark else GENERATION_DEFAULTS
+    args.explicit = sorted(k for k in fill if getattr(args, k) is not None)
+    for key, value in fill.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def main(argv=None) -> dict:
@@ -123,8 +150,9 @@ def main(argv=None) -> dict:
     import torch
     from tqdm import tqdm
 
+    from drip_llava.data.conversation import get_template
     from drip_llava.serve.chat import (DEFAULT_MAX_PIXELS, ChatEngine, GenerationSettings, ImageRejected,
-                                       configure_pil)
+                                       configure_pil, default_conv_mode)
 
     questions = load_questions(args.question_file)
     chunk = get_chunk(questions, args.num_chunks, args.chunk_idx)
@@ -145,9 +173,16 @@ def main(argv=None) -> dict:
                                         load_4bit=args.load_4bit, device=args.device, conv_mode=args.conv_mode,
                                         max_image_pixels=max_pixels,
                                         torch_dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
+    trained_with = default_conv_mode(engine.inner.config)
+    if "conv_mode" not in args.explicit and get_template(trained_with) is not engine.template:
+        logger.warning("--benchmark %s prompts with LLaVA's %s, but %s records training with %s: pass --conv-mode %s "
+                       "to evaluate in the model's own template", args.benchmark, engine.conv_mode, args.model_path,
+                       trained_with, trained_with)
     model_id = args.model_id or engine.model_name
     settings = GenerationSettings(temperature=args.temperature, top_p=args.top_p,
                                   max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    recorded = {"benchmark": args.benchmark, "max_new_tokens": settings.max_new_tokens,
+                "temperature": settings.temperature, "top_p": settings.top_p, "num_beams": settings.num_beams}
     folder = Path(args.image_folder) if args.image_folder else Path(".")
     with open(out_path, "a", encoding="utf-8") as f:
         for q in tqdm(todo, desc=f"answers {out_path.name}", dynamic_ncols=True):
@@ -166,7 +201,7 @@ def main(argv=None) -> dict:
                    "metadata": {"visual_tokens": reply.visual_tokens,
                                 "prefill_ms": None if reply.prefill_ms is None else round(reply.prefill_ms, 2),
                                 "vision_ms": round(reply.vision_ms, 2), "new_tokens": reply.new_tokens,
-                                "finish_reason": reply.finish_reason, "conv_mode": engine.conv_mode}}
+                                "finish_reason": reply.finish_reason, "conv_mode": engine.conv_mode, **recorded}}
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
