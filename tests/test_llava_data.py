@@ -106,11 +106,12 @@ def test_only_assistant_turns_are_supervised(tok, template):
     assert all(lab in (IGNORE_INDEX, t) for t, lab in zip(ids, labels))
 
 
-def test_plain_template_is_image_caption_eos(tok):
+def test_plain_template_is_image_caption_newline(tok):
     ids, labels = encode("plain", CONV[:2], tok)
     assert ids[0] == IMAGE_TOKEN_INDEX  # the user's text is dropped (LLaVA stage 1)
-    assert supervised_text(tok, labels) == "A red circle on a blue square." + tok.eos_token
-    assert tok.decode(ids[1:]) == "A red circle on a blue square." + tok.eos_token
+    assert supervised_text(tok, labels) == "A red circle on a blue square.\n"  # LLaVA's conv_llava_plain sep
+    assert tok.decode(ids[1:]) == "A red circle on a blue square.\n"
+    assert get_template("plain").stop_str(tok) == "\n"
     with pytest.raises(ConversationError, match="exactly one user and one"):
         encode("plain", CONV, tok)
 
@@ -119,9 +120,12 @@ def test_plain_template_is_image_caption_eos(tok):
 def test_sentencepiece_tokenizer_masks_exactly(sp_tok, template):
     conv = CONV[:2] if template == "plain" else CONV
     ids, labels = encode(template, conv, sp_tok)
-    want = ["A red circle on a blue square.</s>"] + ([] if template == "plain" else ["There are 2 shapes.</s>"])
+    if template == "plain":
+        want = ["A red circle on a blue square.\n"]
+    else:
+        want = ["A red circle on a blue square.</s>", "There are 2 shapes.</s>"]
     assert supervised_text(sp_tok, labels).replace(" ", "") == "".join(want).replace(" ", "")
-    assert sum(t == sp_tok.eos_token_id for t in labels) == len(want)
+    assert sum(t == sp_tok.eos_token_id for t in labels) == (0 if template == "plain" else 2)
 
 
 def test_chat_template_prompt_matches_training_prefix(tok):
@@ -158,13 +162,63 @@ class MidWordTemplate(ConversationTemplate):
         return Rendered(text, ((len("Question: hello wor"), len(text)),))
 
 
-def test_tokenization_mismatch_names_the_sample(tok):
+def test_tokenization_mismatch_names_the_sample_and_is_counted(tok):
     with pytest.raises(TokenizationMismatch, match="'sample-42'.*mixes prompt and answer"):
         tokenize_conversation(MidWordTemplate().render([], tok), tok, sample_id="sample-42")
     data = [{"id": "sample-42", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]
-    ds = LazySupervisedDataset(data, tok, MidWordTemplate(), None, 64, preprocess_text=False)
+    strict = LazySupervisedDataset(data, tok, MidWordTemplate(), None, 64, skip_bad_samples=False)
     with pytest.raises(TokenizationMismatch, match="sample-42"):
+        strict[0]
+    # skipped and counted; a dataset of nothing but mismatches ends in an error that shows the last one
+    ds = LazySupervisedDataset(data, tok, MidWordTemplate(), None, 64)
+    with pytest.raises(BadSampleError, match="'tokenization_mismatch': 50.*last: sample 'sample-42'"):
         ds[0]
+    with pytest.raises(ValueError, match="no usable sample.*'tokenization_mismatch': 1"):
+        LazySupervisedDataset(data, tok, MidWordTemplate(), None, 64, preprocess_text=True)
+
+
+def turns(*values):
+    return [{"from": "human" if k % 2 == 0 else "gpt", "value": v} for k, v in enumerate(values)]
+
+
+MALFORMED = [  # (id, has image, conversations): each ConversationError in the data loader, a counted skip
+    ("image_in_text_only", False, turns("<image>\nWhat is it?", "A cat.")),
+    ("two_images", True, turns("<image> and <image>", "Two.")),
+    ("not_alternating", False, [{"from": "human", "value": "Hi."}, {"from": "human", "value": "Hi again."},
+                                {"from": "gpt", "value": "Hello."}]),
+    ("not_a_list", False, "human: hi"),
+    ("unknown_role", False, [{"from": "narrator", "value": "Once."}, {"from": "gpt", "value": "x"}]),
+]
+
+
+@pytest.mark.parametrize("preprocess", [False, True])
+def test_malformed_conversations_are_counted_skips(tok, tower_model, image_dir, caplog, preprocess):
+    """A conversation LLaVA's preprocessing would assert on never ends the run: a leading gpt turn is dropped (as
+    LLaVA does), anything else is a skip counted as bad_conversation, logged with the sample id; lazily and at
+    start-up alike. With skip_bad_samples off it raises naming the sample."""
+    loader = ImageLoader(str(image_dir), tower_model.preprocess)
+    lead = {"id": "leading_gpt", "conversations": [{"from": "gpt", "value": "Hello there!"}] + turns("Say 7.", "7")}
+    recs = [lead]
+    for k, (sid, has_image, conv) in enumerate(MALFORMED):  # each bad record followed by a good one
+        recs.append({"id": sid, "conversations": conv, **({"image": "img0.png"} if has_image else {})})
+        recs.append({"id": f"good{k}", "conversations": turns(f"Say {k}.", f"Text {k}.")})
+    caplog.set_level("WARNING", logger="drip_llava.data.dataset")
+    ds = LazySupervisedDataset(recs, tok, "vicuna_v1", loader, 512, preprocess_text=preprocess)
+    items = [ds[i] for i in range(len(ds))]
+    assert ds.skips.as_dict()["bad_conversation"] == len(MALFORMED)
+    assert sum(ds.skips.as_dict().values()) == len(MALFORMED)
+    assert len(ds) == (len(recs) - len(MALFORMED) if preprocess else len(recs))
+    for sid, _, _ in MALFORMED:
+        assert f"skipping sample {sid!r}" in caplog.text
+    first = tok.decode([t for t in items[0]["input_ids"].tolist() if t >= 0])
+    assert "Hello there" not in first and first.rstrip().endswith("ASSISTANT: 7" + tok.eos_token)
+    assert supervised_text(tok, items[0]["labels"].tolist()).strip() == "7" + tok.eos_token
+    for k, (sid, _, _) in enumerate(MALFORMED):
+        strict_recs = [lead, recs[1 + 2 * k]]
+        with pytest.raises(ConversationError, match=repr(sid)):
+            strict = LazySupervisedDataset(strict_recs, tok, "vicuna_v1", loader, 512, skip_bad_samples=False,
+                                           preprocess_text=preprocess)
+            strict[1]
 
 
 def make_records(n_img=3, n_txt=2, long_answer_ids=()):

@@ -36,19 +36,33 @@ class Rendered:
 
 def normalize_messages(conversations: Sequence[dict], sample_id=None) -> list[dict]:
     """LLaVA's [{from, value}] (or [{role, content}]) -> [{role, content}] with roles user/assistant/system."""
+    if not isinstance(conversations, (list, tuple)):
+        raise ConversationError(f"sample {sample_id!r}: 'conversations' is a {type(conversations).__name__}, "
+                                "expected a list of turns")
     out = []
     for turn in conversations:
-        role = turn.get("from", turn.get("role"))
-        content = turn.get("value", turn.get("content"))
+        role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+        content = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
         if role not in ROLE_ALIASES or not isinstance(content, str):
             raise ConversationError(f"sample {sample_id!r}: bad turn {turn!r} (roles: {sorted(ROLE_ALIASES)})")
         out.append({"role": ROLE_ALIASES[role], "content": content})
     return out
 
 
+def drop_leading_assistant(messages: list[dict]) -> list[dict]:
+    """LLaVA's training preprocessing drops the first turn (after a system turn) when it is not the user's, so data
+    that opens with a gpt greeting trains; any other misordering stays an error."""
+    k = 1 if messages and messages[0]["role"] == "system" else 0
+    if len(messages) > k and messages[k]["role"] == "assistant":
+        return messages[:k] + messages[k + 1:]
+    return messages
+
+
 def place_image(messages: list[dict], has_image: bool, sample_id=None) -> list[dict]:
-    """LLaVA's convention: with an image, exactly one "<image>" and it goes first in the first user turn
-    ("<image>\\n" + text), which is also how inference prompts are built. Without an image, "<image>" is an error."""
+    """LLaVA's convention for an image sample: exactly one "<image>"; the user turn holding it becomes "<image>\\n"
+    + its text without the marker, stripped (LLaVA's preprocess_multimodal). Without a marker in a user turn (no
+    marker: inference prompts; a marker in another turn) it goes to the start of the first user turn the same way.
+    Without an image, "<image>" is an error."""
     n = sum(m["content"].count(DEFAULT_IMAGE_TOKEN) for m in messages)
     if not has_image:
         if n:
@@ -57,13 +71,14 @@ def place_image(messages: list[dict], has_image: bool, sample_id=None) -> list[d
     if n > 1:
         raise ConversationError(f"sample {sample_id!r}: {n} {DEFAULT_IMAGE_TOKEN} markers; one image per sample")
     out = [dict(m) for m in messages]
-    first_user = next((m for m in out if m["role"] == "user"), None)
-    if first_user is None:
+    users = [m for m in out if m["role"] == "user"]
+    if not users:
         raise ConversationError(f"sample {sample_id!r}: an image sample needs a user turn")
+    holder = next((m for m in users if DEFAULT_IMAGE_TOKEN in m["content"]), users[0])
     for m in out:
-        m["content"] = m["content"].replace(DEFAULT_IMAGE_TOKEN, "").strip() if DEFAULT_IMAGE_TOKEN in m["content"] \
-            else m["content"]
-    first_user["content"] = DEFAULT_IMAGE_TOKEN + "\n" + first_user["content"]
+        if DEFAULT_IMAGE_TOKEN in m["content"] or m is holder:
+            m["content"] = m["content"].replace(DEFAULT_IMAGE_TOKEN, "").strip()
+    holder["content"] = DEFAULT_IMAGE_TOKEN + "\n" + holder["content"]
     return out
 
 
@@ -121,8 +136,11 @@ def list_templates() -> list[str]:
 
 @register_template("plain")
 class PlainTemplate(ConversationTemplate):
-    """Stage 1 (feature alignment): "<image>" + caption + EOS; only the caption and EOS are trained.
-    The user text (LLaVA-Pretrain's varied "describe the image" prompts) is dropped, as in LLaVA."""
+    """Stage 1 (feature alignment): "<image>" + caption + "\\n" (LLaVA's conv_llava_plain, whose separator is
+    "\\n"); the caption and the newline are trained. The user text (LLaVA-Pretrain's varied "describe the image"
+    prompts) is dropped, as in LLaVA. Generation from a stage-1 model ends its caption at the newline."""
+
+    sep = "\n"
 
     def render(self, messages, tokenizer, add_generation_prompt=False, sample_id=None):
         _, msgs = _check_alternation(messages, sample_id)
@@ -133,13 +151,18 @@ class PlainTemplate(ConversationTemplate):
         if len(msgs) != 2:
             raise ConversationError(f"sample {sample_id!r}: template 'plain' needs exactly one user and one "
                                     f"assistant turn, got {len(msgs)} turns")
-        answer = msgs[1]["content"] + self.stop_str(tokenizer)
+        answer = msgs[1]["content"] + self.sep
         return Rendered(prefix + answer, ((len(prefix), len(prefix) + len(answer)),))
+
+    def stop_str(self, tokenizer) -> str:
+        return self.sep
 
 
 class SeparatorTemplate(ConversationTemplate):
     """LLaVA's SeparatorStyle.TWO: system + " " + "USER: q ASSISTANT: a</s>USER: ..."; "</s>" is the
-    tokenizer's EOS string (Vicuna's is "</s>"), so generation stops on EOS."""
+    tokenizer's EOS string (Vicuna's is "</s>"), so generation stops on EOS. An answer's span starts at the space
+    after "ASSISTANT:": LLaVA's label count (preprocess_v1) trains the token carrying that space, which for an
+    answer starting with a digit or a newline is a lone "▁" (Llama's tokenizer has no "▁2" or "▁\\n")."""
 
     system = ""
     roles = ("USER", "ASSISTANT")
@@ -154,9 +177,9 @@ class SeparatorTemplate(ConversationTemplate):
             if m["role"] == "user":
                 text += f"{self.roles[0]}: {m['content']}{self.sep}"
             else:
-                text += f"{self.roles[1]}: "
+                text += f"{self.roles[1]}:"
                 start = len(text)
-                text += m["content"] + sep2
+                text += " " + m["content"] + sep2
                 targets.append((start, len(text)))
         if add_generation_prompt:
             text += f"{self.roles[1]}:"
@@ -250,8 +273,10 @@ def tokenize_conversation(rendered: Rendered, tokenizer, add_bos: bool = True,
         piece_ids, offsets = _encode(tokenizer, piece, sample_id) if piece else ([], [])
         for tok, (s, e) in zip(piece_ids, offsets):
             s, e = s + pos, e + pos
-            # a token belongs to the span holding its last character (a leading space is the prompt's)
-            sup = e > s and in_target[e - 1]
+            # a token belongs to the span holding its last non-space character (so "▁A" is the answer's and ":▁"
+            # the prompt's); a token of spaces alone, to the span holding its last character
+            last = next((c for c in range(e - 1, s - 1, -1) if not text[c].isspace()), e - 1)
+            sup = e > s and in_target[last]
             if e > s:
                 mixed = [c for c in range(s, e) if in_target[c] != sup and not text[c].isspace()]
                 if mixed:
@@ -270,6 +295,18 @@ def tokenize_conversation(rendered: Rendered, tokenizer, add_bos: bool = True,
                 f"sample {sample_id!r}: answer characters {text[missing[0]:missing[-1] + 1]!r} got no token "
                 "(the tokenizer's offsets do not cover them)")
     return ids, labels
+
+
+def preprocess_conversation(conversations: Sequence[dict], tokenizer, template: ConversationTemplate | str,
+                            has_image: bool, sample_id=None) -> tuple[list[int], list[int]]:
+    """One training record's conversation -> (input_ids, labels), as LLaVA's preprocessing: a leading non-user
+    turn is dropped, "<image>" placed (`place_image`), the template rendered and tokenized once. Raises
+    ConversationError / TokenizationMismatch naming the sample."""
+    template = get_template(template) if isinstance(template, str) else template
+    msgs = drop_leading_assistant(normalize_messages(conversations, sample_id))
+    msgs = place_image(msgs, has_image, sample_id)
+    rendered = template.render(msgs, tokenizer, sample_id=sample_id)
+    return tokenize_conversation(rendered, tokenizer, template.add_bos, sample_id=sample_id)
 
 
 def tokenizer_image_token(prompt: str, tokenizer, add_bos: bool = True) -> list[int]:

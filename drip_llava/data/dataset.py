@@ -5,8 +5,8 @@ records mix with image records. A DRIP tower gives each image its own number of 
 after the model splices the image in is len(input_ids) - 1 + n_image_tokens. Truncation to model_max_length
 subtracts that (the exact count when known, else the tower's maximum), so the answer is never pushed out after
 splicing (LLaVA truncates after splicing: a long image could leave nothing to train on, loss 0 or NaN).
-A sample left without a supervised token is skipped and counted, as are unreadable images (or they raise
-naming the path when skip_bad_samples is off).
+A sample left without a supervised token is skipped and counted, as are unreadable images and malformed
+conversations (or they raise naming the sample and the path when skip_bad_samples is off).
 """
 from __future__ import annotations
 
@@ -26,12 +26,13 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from .conversation import (ConversationTemplate, get_template, normalize_messages, place_image,
-                           tokenize_conversation)
+from .conversation import (ConversationError, ConversationTemplate, TokenizationMismatch, get_template,
+                           preprocess_conversation)
 
 logger = logging.getLogger(__name__)
 
-SKIP_REASONS = ("bad_image", "no_supervised_tokens", "image_truncated")
+SKIP_REASONS = ("bad_image", "no_supervised_tokens", "image_truncated", "bad_conversation",
+                "tokenization_mismatch")
 MAX_CONSECUTIVE_SKIPS = 50
 
 
@@ -130,8 +131,8 @@ class VisualTokenBudget:
 
 class LazySupervisedDataset(Dataset):
     """LLaVA JSON -> dict(input_ids, labels, image). With `preprocess_text=True` (LLaVA's non-lazy mode) every
-    conversation is tokenized once at start-up: template errors surface before training and samples that cannot
-    be supervised are dropped (and counted) up front; images are always loaded lazily."""
+    conversation is tokenized once at start-up: malformed conversations and samples that cannot be supervised are
+    dropped (and counted, under the same reasons as the lazy path) up front; images are always loaded lazily."""
 
     def __init__(self, records: Sequence[dict] | str, tokenizer, template: ConversationTemplate | str,
                  image_loader: Optional[ImageLoader], model_max_length: int,
@@ -144,6 +145,7 @@ class LazySupervisedDataset(Dataset):
         self.budget = budget or VisualTokenBudget(max_tokens=0, estimate=0)
         self.skip_bad_samples = skip_bad_samples
         self.skips = SkipCounter()
+        self._last_skip = ""
         if any(r.get("image") is not None for r in self.records) and image_loader is None:
             raise ValueError("the data has image samples but no image loader (vision tower) was given")
         self.index = np.arange(len(self.records))
@@ -168,15 +170,29 @@ class LazySupervisedDataset(Dataset):
         return self.records[int(self.index[i])].get("id", i)
 
     # ---- text ----------------------------------------------------------------------------------------
+    def _skip(self, reason: str, message: str) -> tuple[None, str]:
+        """Log a skipped sample (the message names it) and keep the message for a run-of-skips error."""
+        logger.warning("skipping %s", message)
+        self._last_skip = message
+        return None, reason
+
     def _tokenize(self, rec_idx: int):
-        """-> (input_ids, labels, skip_reason or None). Template/tokenization errors raise (they are bugs in the
-        data or the template, not noise to skip)."""
+        """-> (input_ids, labels, skip_reason or None). A malformed conversation ("bad_conversation": roles out of
+        order, a misplaced or repeated <image>, ...) or a "tokenization_mismatch" is logged with the sample id and
+        skipped, or raises (ConversationError / TokenizationMismatch naming the sample) when skip_bad_samples is
+        off."""
         rec = self.records[rec_idx]
         sid = rec.get("id", rec_idx)
         has_image = rec.get("image") is not None
-        msgs = place_image(normalize_messages(rec["conversations"], sid), has_image, sid)
-        rendered = self.template.render(msgs, self.tokenizer, sample_id=sid)
-        ids, labels = tokenize_conversation(rendered, self.tokenizer, self.template.add_bos, sample_id=sid)
+        try:
+            ids, labels = preprocess_conversation(rec["conversations"], self.tokenizer, self.template, has_image,
+                                                  sample_id=sid)
+        except (ConversationError, TokenizationMismatch) as e:
+            if not self.skip_bad_samples:
+                raise
+            reason = "tokenization_mismatch" if isinstance(e, TokenizationMismatch) else "bad_conversation"
+            self._skip(reason, str(e))
+            return None, None, reason
         limit = self.model_max_length
         if has_image:
             limit -= self.budget.truncation(rec["image"]) - 1  # the placeholder becomes n image tokens
@@ -224,8 +240,7 @@ class LazySupervisedDataset(Dataset):
                 msg = f"sample {rec.get('id', rec_idx)!r}: cannot read image {path}: {e}"
                 if not self.skip_bad_samples:
                     raise BadSampleError(msg) from e
-                logger.warning("skipping %s", msg)
-                return None, "bad_image"
+                return self._skip("bad_image", msg)
         return {"input_ids": torch.as_tensor(ids, dtype=torch.long),
                 "labels": torch.as_tensor(labels, dtype=torch.long), "image": image}, None
 
@@ -237,7 +252,8 @@ class LazySupervisedDataset(Dataset):
                 return item
             self.skips.add(reason)
         raise BadSampleError(f"{MAX_CONSECUTIVE_SKIPS} consecutive bad samples from id {self.sample_id(i)!r} "
-                             f"(skips so far: {self.skips.as_dict()}); check --data_path and --image_folder")
+                             f"(skips so far: {self.skips.as_dict()}; last: {self._last_skip}); check --data_path, "
+                             "--image_folder and --version")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..data.image_processor import DripLlavaImageProcessor
 from ..model.llava_llama import DripLlavaForCausalLM
 from ..model.vision_tower import DripVisionTower
 
@@ -172,6 +173,12 @@ class Recipe:
     def vision_tower(model: nn.Module) -> DripVisionTower:
         return unwrap(model).get_vision_tower()
 
+    def image_processor(self, model: nn.Module) -> DripLlavaImageProcessor:
+        """The image preprocessing trained with (the tower's transform + --image_aspect_ratio); every save writes it
+        as preprocessor_config.json, which serving and eval load."""
+        return DripLlavaImageProcessor.from_vision_config(self.vision_tower(model).config,
+                                                          self.data_args.image_aspect_ratio)
+
     @staticmethod
     def projector_parameters(model: nn.Module) -> list:
         return list(unwrap(model).mm_projector.parameters())
@@ -196,6 +203,7 @@ class Recipe:
         if is_main:
             os.makedirs(out_dir, exist_ok=True)
             save_model_config(base.config, out_dir, self.model_args.version)
+            self.image_processor(model).save_pretrained(out_dir)
             tower.save_pretrained(os.path.join(out_dir, "vision_tower"), state_dict=state)
 
     def _save_args(self, out_dir: str) -> None:
@@ -256,6 +264,7 @@ class FullRecipe(Recipe):
         if is_main:
             os.makedirs(out_dir, exist_ok=True)
             save_model_config(unwrap(model).config, out_dir, self.model_args.version)
+            self.image_processor(model).save_pretrained(out_dir)
             self._save_args(out_dir)
 
 

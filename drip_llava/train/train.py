@@ -124,8 +124,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     logger.info("recipe %s; trainable parameters: %s", recipe_name, describe_trainable(model))
 
     tower = recipe.vision_tower(model)
-    loader = ImageLoader(data_args.image_folder, tower.image_processor, data_args.image_aspect_ratio,
-                         tower.config.image_mean)
+    loader = ImageLoader(data_args.image_folder, recipe.image_processor(model))  # the one every save writes
     records = load_llava_json(data_args.data_path)
     counts = visual_token_counts(tower, loader, records, data_args, training_args)
     budget = VisualTokenBudget.from_vision_config(tower.config, counts)
