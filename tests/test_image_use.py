@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from drip_llava.data.dataset import DataCollatorForSupervisedDataset, ImageLoader, LazySupervisedDataset
+from drip_llava.data.image_processor import DripLlavaImageProcessor
 from drip_llava.eval import image_use
 from drip_llava.model import DripLlavaForCausalLM
 
@@ -33,7 +34,7 @@ def test_gap_grows_when_the_answer_needs_the_image(tiny_llm_dir, tiny_drip_dir, 
     records = _data(tmp_path)
     (tmp_path / "data.json").write_text(json.dumps(records))
     tower = model.get_vision_tower()
-    loader = ImageLoader(str(tmp_path), tower.image_processor, "pad", tower.config.image_mean)
+    loader = ImageLoader(str(tmp_path), DripLlavaImageProcessor.from_vision_config(tower.config, "pad"))
     ds = LazySupervisedDataset(records, tok, "chat_template", loader, 128, skip_bad_samples=False)
     collate = DataCollatorForSupervisedDataset(pad_token_id=tok.pad_token_id)
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from drip_llava.constants import SHORT_ANSWER_PROMPT
 from drip_llava.data.dataset import DataCollatorForSupervisedDataset, ImageLoader, LazySupervisedDataset
+from drip_llava.data.image_processor import DripLlavaImageProcessor
 from drip_llava.eval import rank_choices, scienceqa
 from drip_llava.model import DripLlavaForCausalLM
 
@@ -52,7 +53,7 @@ def _train_colour_reader(model, tok, folder, fit):
         records.append({"id": str(i), "image": f"{i}.png", "conversations": [
             {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": name}]})
     tower = model.get_vision_tower()
-    loader = ImageLoader(str(folder), tower.image_processor, "pad", tower.config.image_mean)
+    loader = ImageLoader(str(folder), DripLlavaImageProcessor.from_vision_config(tower.config, "pad"))
     ds = LazySupervisedDataset(records, tok, "chat_template", loader, 256, skip_bad_samples=False)
     fit(model, DataCollatorForSupervisedDataset(pad_token_id=tok.pad_token_id)([ds[i] for i in range(len(ds))]))
 
@@ -63,7 +64,7 @@ def _rank(model, tok, base, image_root):
     problems, pids = scienceqa.load_split(str(base), "test")
     records, owners = rank_choices.choice_records(problems, pids)
     tower = model.get_vision_tower()
-    loader = ImageLoader(str(image_root), tower.image_processor, "pad", tower.config.image_mean)
+    loader = ImageLoader(str(image_root), DripLlavaImageProcessor.from_vision_config(tower.config, "pad"))
     ds = LazySupervisedDataset(records, tok, "chat_template", loader, 256, skip_bad_samples=False)
     collate = DataCollatorForSupervisedDataset(pad_token_id=tok.pad_token_id)
     ref: dict[str, list[float]] = {}

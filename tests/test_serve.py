@@ -129,26 +129,53 @@ def test_huge_images_refused_before_decoding(files, monkeypatch):
         load_image_safely(files.photo)
 
 
-def test_big_jpeg_is_decoded_at_reduced_scale_and_downscaled(tmp_path):
+def test_big_jpeg_is_decoded_at_reduced_scale(tmp_path):
     path = tmp_path / "big.jpg"
     Image.new("RGB", (4000, 3000), (200, 30, 30)).save(path, quality=80)
-    im, notes = load_image_safely(path, max_pixels=2_000_000, max_side=800)
-    assert max(im.size) == 800 and abs(im.size[0] / im.size[1] - 4 / 3) < 0.01
-    assert any("reduced scale" in n for n in notes) and any("downscaled" in n for n in notes)
+    im, notes = load_image_safely(path, max_pixels=2_000_000)
+    assert im.size == (1000, 750) and notes == ["decoded at reduced scale 1000x750 (from 4000x3000)"]
     assert im.getpixel((10, 10))[0] > 150
+    small, notes = load_image_safely(path, max_pixels=20_000_000)  # within the limit: kept at its full size
+    assert small.size == (4000, 3000) and notes == []
     with pytest.raises(ImageRejected, match="over the limit"):  # a PNG cannot be drafted: refused
         Image.new("RGB", (2000, 1500)).save(tmp_path / "big.png")
         load_image_safely(tmp_path / "big.png", max_pixels=2_000_000)
 
 
-def test_transparency_becomes_white(tmp_path):
-    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+def test_transparency_becomes_white_and_exif_orientation_is_applied(tmp_path):
+    rgba = Image.new("RGBA", (32, 16), (0, 0, 0, 0))
     rgba.putpixel((0, 0), (255, 0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise: the top-left pixel goes to the top-right
     buf = io.BytesIO()
-    rgba.save(buf, "PNG")
+    rgba.save(buf, "PNG", exif=exif)
     buf.seek(0)
     im, _ = load_image_safely(buf)
-    assert im.getpixel((5, 5)) == (255, 255, 255) and im.getpixel((0, 0)) == (255, 0, 0)
+    assert im.size == (16, 32) and im.getpixel((5, 5)) == (255, 255, 255) and im.getpixel((15, 0)) == (255, 0, 0)
+
+
+def test_engine_uses_the_checkpoint_image_processor(tiny_llava_dir, tmp_path):
+    """A folder's preprocessor_config.json decides padding; without one the engine resizes and crops (square)."""
+    import shutil
+
+    from drip_llava.data.image_processor import DripLlavaImageProcessor
+
+    wide = Image.new("RGB", (120, 40), (200, 30, 30))
+    plain = ChatEngine.from_pretrained(tiny_llava_dir, device="cpu")
+    assert plain.image_processor.aspect_ratio == "square" and any("square" in n for n in plain.loaded.notes)
+    padded_dir = tmp_path / "padded"
+    shutil.copytree(tiny_llava_dir, padded_dir)
+    proc = DripLlavaImageProcessor.from_vision_config(plain.tower.config, "pad")
+    proc.save_pretrained(padded_dir)
+    padded = ChatEngine.from_pretrained(padded_dir, device="cpu")
+    assert padded.image_processor == proc and padded.loaded.notes == []
+    x, y = plain.pixel_values(wide)[0], padded.pixel_values(wide)[0]
+    assert torch.equal(y, proc(wide)) and torch.equal(x, proc.with_aspect_ratio("square")(wide))
+    corner = (torch.tensor(proc.pad_color) / 255 - torch.tensor(proc.image_mean)) / torch.tensor(proc.image_std)
+    torch.testing.assert_close(y[:, 0, 0], corner, atol=0.02, rtol=0)  # the pad colour, not the cropped image
+    assert not torch.equal(x, y)
+    info = padded.describe_image(wide)  # the overlay is drawn on the padded view the model reads
+    assert info.overlay is not None and info.num_tokens >= 1
 
 
 # ---------------------------------------------------------------------------------------------- engine

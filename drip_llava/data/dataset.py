@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .conversation import (ConversationError, ConversationTemplate, TokenizationMismatch, get_template,
                            preprocess_conversation)
+from .image_processor import OPENAI_MEAN, DripLlavaImageProcessor, expand2square  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -56,37 +57,31 @@ def load_llava_json(path: str) -> list[dict]:
     return records
 
 
-def expand2square(img: Image.Image, background: tuple) -> Image.Image:
-    """Pad to a square with the mean colour (LLaVA-1.5's --image_aspect_ratio pad): nothing is cropped away."""
-    w, h = img.size
-    if w == h:
-        return img
-    side = max(w, h)
-    out = Image.new(img.mode, (side, side), background)
-    out.paste(img, ((side - w) // 2, (side - h) // 2))
-    return out
-
-
 class ImageLoader:
-    """path -> [3,H,W] tensor via the tower's processor; aspect 'square' (resize+crop, LLaVA's default) or 'pad'."""
+    """path (relative to image_folder) -> [3,H,W] through one DripLlavaImageProcessor: EXIF orientation, alpha on
+    white, pad/square, the tower transform; the processor a checkpoint saves and serving and eval load.
+    A bare PIL -> tensor transform (e.g. DripVisionModel.preprocess) gets the processor's first steps in front of
+    it, with `aspect_ratio` and the pad colour from `image_mean`."""
 
-    def __init__(self, image_folder: Optional[str], processor: Callable, aspect_ratio: str = "square",
-                 image_mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073)):
-        if aspect_ratio not in ("square", "pad"):
-            raise ValueError(f"image_aspect_ratio {aspect_ratio!r}; valid: square, pad")
-        self.image_folder, self.processor, self.aspect_ratio = image_folder, processor, aspect_ratio
-        self.background = tuple(int(round(255 * m)) for m in image_mean)
+    def __init__(self, image_folder: Optional[str], processor: Callable, aspect_ratio: Optional[str] = None,
+                 image_mean: Optional[Sequence[float]] = None):
+        if isinstance(processor, DripLlavaImageProcessor):
+            if aspect_ratio is not None or image_mean is not None:
+                raise ValueError("aspect_ratio / image_mean are fields of the DripLlavaImageProcessor given")
+        else:
+            processor = DripLlavaImageProcessor.with_transform(processor, aspect_ratio or "square",
+                                                               image_mean if image_mean is not None else OPENAI_MEAN)
+        self.image_folder, self.processor = image_folder, processor
+
+    @property
+    def aspect_ratio(self) -> str:
+        return self.processor.aspect_ratio
 
     def path(self, rel: str) -> str:
         return os.path.join(self.image_folder, rel) if self.image_folder else rel
 
     def __call__(self, rel: str) -> torch.Tensor:
-        path = self.path(rel)
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-        if self.aspect_ratio == "pad":
-            img = expand2square(img, self.background)
-        return self.processor(img)
+        return self.processor(self.path(rel))
 
 
 class SkipCounter:

@@ -10,7 +10,8 @@ with a flat grey image. It reports the mean loss per supervised token (nats) of 
 one that ignores it has a gap near 0 whatever its loss. Unlike accuracy on a few hundred generated answers
 this is measured on every supervised token, so a short stage 1 already shows whether it reads (a stage-1
 projector on its own: caption loss with the image is all there is to look at, and most of its fall is the
-caption style, which any image gives). `--version` defaults to the template the checkpoint was trained with.
+caption style, which any image gives). `--version` defaults to the template the checkpoint was trained with;
+images go through the checkpoint's image processor (preprocessor_config.json), the pixels training used.
 """
 from __future__ import annotations
 
@@ -39,10 +40,9 @@ def blank_pil_image(size: tuple[int, int]):
     return Image.new("RGB", size, (int(round(255 * BLANK_GREY)),) * 3)
 
 
-def blank_image(tower) -> torch.Tensor:
-    """A flat grey image through the tower's own preprocessing."""
-    size = tower.config.image_size
-    return tower.image_processor(blank_pil_image((size, size)))
+def blank_image(processor) -> torch.Tensor:
+    """A flat grey square image through the same image processor as the real images."""
+    return processor(blank_pil_image((processor.image_size, processor.image_size)))
 
 
 @torch.no_grad()
@@ -52,7 +52,7 @@ def image_use(model, dataset, collator, batch_size: int = 16, device: str | torc
     n = len(dataset)
     if n < 2:
         raise ValueError("need at least 2 samples (the wrong image of a sample is another sample's)")
-    blank = blank_image(model.get_vision_tower())
+    blank = blank_image(dataset.image_loader.processor)
     totals = {"right": 0.0, "wrong": 0.0, "blank": 0.0}
     n_tokens, batch_gaps = 0, []
     for start in tqdm(range(0, n, batch_size), desc="image use", mininterval=2.0):
@@ -93,7 +93,8 @@ def main(argv=None) -> dict:
     p.add_argument("--n", type=int, default=256, help="first N samples of the JSON")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--model-max-length", type=int, default=512)
-    p.add_argument("--image-aspect-ratio", default="pad")
+    p.add_argument("--image-aspect-ratio", default=None, choices=("square", "pad"),
+                   help="override the checkpoint's pad/square policy (default: its saved image processor)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     p.add_argument("--json", default=None, help="write the result here")
@@ -104,8 +105,10 @@ def main(argv=None) -> dict:
         raise SystemExit(f"{args.model_path}: no drip_llava_args.json to read the template from; pass --version")
     lm = load_pretrained_model(args.model_path, args.model_base, device=args.device,
                                torch_dtype=getattr(torch, args.dtype) if args.dtype else None)
-    tower = lm.model.get_vision_tower()
-    loader = ImageLoader(args.image_folder, tower.image_processor, args.image_aspect_ratio, tower.config.image_mean)
+    processor = lm.image_processor
+    if args.image_aspect_ratio is not None:
+        processor = processor.with_aspect_ratio(args.image_aspect_ratio)
+    loader = ImageLoader(args.image_folder, processor)
     records = [r for r in load_llava_json(args.data_path) if r.get("image") is not None][: args.n]
     dataset = LazySupervisedDataset(records, lm.tokenizer, version, loader, args.model_max_length,
                                     skip_bad_samples=False)

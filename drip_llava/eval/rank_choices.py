@@ -133,7 +133,8 @@ def main(argv=None) -> dict:
     p.add_argument("--answers-file", required=True)
     p.add_argument("--conv-mode", default=None, help="template (default: the checkpoint's)")
     p.add_argument("--model-max-length", type=int, default=1024)
-    p.add_argument("--image-aspect-ratio", default="pad")
+    p.add_argument("--image-aspect-ratio", default=None, choices=("square", "pad"),
+                   help="override the checkpoint's pad/square policy (default: its saved image processor)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     args = p.parse_args(argv)
@@ -142,9 +143,11 @@ def main(argv=None) -> dict:
     lm = load_pretrained_model(args.model_path, args.model_base, device=args.device,
                                torch_dtype=getattr(torch, args.dtype) if args.dtype else None)
     model = lm.model.eval()
-    tower = model.get_vision_tower()
     image_folder = args.image_folder or str(Path(args.base_dir) / "images" / args.split)
-    loader = ImageLoader(image_folder, tower.image_processor, args.image_aspect_ratio, tower.config.image_mean)
+    processor = lm.image_processor  # the checkpoint's: the pixels training used
+    if args.image_aspect_ratio is not None:
+        processor = processor.with_aspect_ratio(args.image_aspect_ratio)
+    loader = ImageLoader(image_folder, processor)
     records, owners = choice_records(problems, pids)
     conv_mode = args.conv_mode or default_conv_mode(model.config)
     # an unreadable image or an over-long prompt is an error naming the sample, not a silently shorter eval

@@ -8,7 +8,9 @@ prompt, up to the first new token) and `ttft_ms` (their sum, from the start).
 
 `load_image_safely` is the only way images get in: it reads the header first, so a 20000x20000 upload is
 refused (or, for JPEG, decoded at a reduced scale) before any pixel memory is allocated, and a non-image or a
-truncated file becomes an `ImageRejected` with a message fit for the user, not a stack trace.
+truncated file becomes an `ImageRejected` with a message fit for the user, not a stack trace. The accepted image
+is kept at its decoded size; the checkpoint's DripLlavaImageProcessor (`loaded.image_processor`, the one training
+used) turns it into pixels, so an image within the pixel limit gets the same tensor here as in training and eval.
 
 `ChatSession` is the plain-data state of one conversation (image, turns, per-answer stats).
 """
@@ -29,16 +31,16 @@ from pathlib import Path
 from typing import IO, Iterator, Optional, Union
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from drip_llava.constants import DEFAULT_IMAGE_TOKEN
 from drip_llava.data.conversation import get_template, place_image, tokenizer_image_token
+from drip_llava.data.image_processor import to_rgb
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONV_MODE = "vicuna_v1"  # the trainer's default --version ("v1"), and what eval/*.sh pass
 DEFAULT_MAX_PIXELS = 50_000_000  # images above this (decoded size) are refused; ~150 MB as RGB
-DEFAULT_MAX_SIDE = 2048  # accepted images are downscaled to this longest side (the towers see <= 336 px)
 
 ImageSource = Union[str, os.PathLike, IO[bytes], Image.Image]
 
@@ -52,16 +54,6 @@ class PromptTooLong(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ images
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """RGB, with transparent areas on white (a plain convert() would paint them black)."""
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        bg.alpha_composite(rgba)
-        return bg.convert("RGB")
-    return im.convert("RGB")
-
 
 def configure_pil(max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     """Process-wide PIL guard for the CLIs: a backstop above our own header check (which refuses anything
@@ -78,13 +70,15 @@ def _bomb_message(name: str, error: Exception, max_pixels: int) -> str:
             f"decompression-bomb guard); downscale it first")
 
 
-def load_image_safely(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE,
+def load_image_safely(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS,
                       name: Optional[str] = None) -> tuple[Image.Image, list[str]]:
-    """(RGB image with longest side <= max_side, notes) from a path, a binary file object or a PIL image.
+    """(RGB image, notes) from a path, a binary file object or a PIL image: EXIF orientation applied and
+    transparency on white (the processor's `to_rgb`, so the picture shown is the one the model reads).
 
     Size is checked from the header before decoding: above `max_pixels` a JPEG is decoded at a reduced scale
-    (libjpeg's DCT scaling, up to 1/8, memory only for the small result), anything else is refused. PIL's own
-    decompression-bomb refusal (Image.MAX_IMAGE_PIXELS, see configure_pil) becomes such a message too."""
+    (libjpeg's DCT scaling, up to 1/8, memory only for the small result; the one case where the pixels differ
+    from training's full decode), anything else is refused. PIL's own decompression-bomb refusal
+    (Image.MAX_IMAGE_PIXELS, see configure_pil) becomes such a message too."""
     if name is None:
         name = Path(source).name if isinstance(source, (str, os.PathLike)) else "the image"
     notes: list[str] = []
@@ -92,7 +86,7 @@ def load_image_safely(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS,
         w, h = source.size
         if w * h > max_pixels:
             raise ImageRejected(f"{name}: {w}x{h} pixels is over the limit of {max_pixels / 1e6:.0f} MP")
-        im = _to_rgb(source)
+        im = to_rgb(source)
     else:
         try:
             with warnings.catch_warnings():
@@ -123,15 +117,11 @@ def load_image_safely(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS,
                                     f"{max_pixels / 1e6:.0f} MP; downscale it first")
             try:
                 opened.load()
-                im = _to_rgb(ImageOps.exif_transpose(opened))
+                im = to_rgb(opened)
             except Image.DecompressionBombError as e:
                 raise ImageRejected(_bomb_message(name, e, max_pixels)) from e
             except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
                 raise ImageRejected(f"{name}: the image is corrupt or truncated ({e})") from e
-    if max(im.size) > max_side:
-        before = im.size
-        im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-        notes.append(f"downscaled from {before[0]}x{before[1]} to {im.size[0]}x{im.size[1]}")
     return im, notes
 
 
@@ -313,8 +303,7 @@ class ChatEngine:
     """Prompting, image handling and (streamed) generation for one loaded model. Generation is serialised by a
     lock: one model, one answer at a time (the Gradio queue also runs one job at a time)."""
 
-    def __init__(self, loaded, conv_mode: Optional[str] = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_image_side: int = DEFAULT_MAX_SIDE):
+    def __init__(self, loaded, conv_mode: Optional[str] = None, max_image_pixels: int = DEFAULT_MAX_PIXELS):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model = loaded.model
@@ -322,11 +311,11 @@ class ChatEngine:
         self.tower = self.inner.get_vision_tower()
         if self.tower is None:
             raise ValueError(f"{loaded.model_path}: the model has no vision tower")
+        self.image_processor = loaded.image_processor  # the checkpoint's DripLlavaImageProcessor
         self.context_len = int(loaded.context_len)
         self.template = get_template(conv_mode or default_conv_mode(self.inner.config))
         self.model_name = Path(loaded.model_path).name or str(loaded.model_path)
         self.max_image_pixels = int(max_image_pixels)
-        self.max_image_side = int(max_image_side)
         self._lock = threading.Lock()
 
     @classmethod
@@ -349,10 +338,11 @@ class ChatEngine:
 
     # -------------------------------------------------------------------------------------- images
     def load_image(self, source: ImageSource, name: Optional[str] = None) -> tuple[Image.Image, list[str]]:
-        return load_image_safely(source, self.max_image_pixels, self.max_image_side, name=name)
+        return load_image_safely(source, self.max_image_pixels, name=name)
 
     def pixel_values(self, image: Image.Image) -> torch.Tensor:
-        return self.tower.image_processor(image)[None].to(device=self.tower.device, dtype=self.tower.dtype)
+        """[1,3,H,W] on the tower's device and dtype, through the checkpoint's image processor."""
+        return self.image_processor(image)[None].to(device=self.tower.device, dtype=self.tower.dtype)
 
     @torch.inference_mode()
     def describe_image(self, image: Image.Image, overlay: bool = True) -> ImageInfo:
@@ -361,7 +351,8 @@ class ChatEngine:
 
         with self._lock:
             n = int(self.inner.encode_images(self.pixel_values(image))[0].shape[0])
-            pic = segment_overlay(self.tower.model, image)[0] if overlay else None
+            # drawn on the processor's view (padded when it pads), which the tower's transform then only resizes
+            pic = segment_overlay(self.tower.model, self.image_processor.prepare(image))[0] if overlay else None
         return ImageInfo(num_tokens=n, num_patches=self.tower.config.num_patches, size=image.size, overlay=pic)
 
     # -------------------------------------------------------------------------------------- prompts

@@ -15,8 +15,8 @@ import sys
 import threading
 from typing import Optional, TextIO
 
-from drip_llava.serve.chat import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ChatEngine, ChatSession, GenerationSettings,
-                                   ImageRejected, PromptTooLong, configure_pil)
+from drip_llava.serve.chat import (DEFAULT_MAX_PIXELS, ChatEngine, ChatSession, GenerationSettings, ImageRejected,
+                                   PromptTooLong, configure_pil)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,8 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--load-8bit", action="store_true")
     p.add_argument("--load-4bit", action="store_true")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS)
-    p.add_argument("--max-image-side", type=int, default=DEFAULT_MAX_SIDE)
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="images with more pixels are refused (JPEGs are decoded at a reduced scale)")
     p.add_argument("--quiet", action="store_true", help="no stats lines on stderr")
     return p.parse_args(argv)
 
@@ -139,7 +139,7 @@ def main(argv=None, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = N
     err = stderr or sys.stderr
     engine = ChatEngine.from_pretrained(args.model_path, model_base=args.model_base, load_8bit=args.load_8bit,
                                         load_4bit=args.load_4bit, device=args.device, conv_mode=args.conv_mode,
-                                        max_image_pixels=args.max_image_pixels, max_image_side=args.max_image_side)
+                                        max_image_pixels=args.max_image_pixels)
     print(f"[model {args.model_path} ({engine.loaded.kind}), template {engine.conv_mode}; one question per line, "
           f"EOF to quit]", file=err, flush=True)
     chat = TerminalChat(engine, GenerationSettings(args.temperature, args.top_p, args.max_new_tokens),

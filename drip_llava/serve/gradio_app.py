@@ -5,6 +5,8 @@
 
 Shows, per image, the number of visual tokens the LLM reads and DRIP's segments (one colour per token), and
 per answer the vision and prefill times. Temperature / top_p / max new tokens, regenerate, clear and stop.
+Images go through the checkpoint's image processor (preprocessor_config.json: orientation, transparency on
+white, the pad/square policy trained with), the same pixels as in training and eval.
 
 Safety: binds 127.0.0.1 unless --host says otherwise; uvicorn runs at log level "warning" (no access log, so
 no client IPs) and Gradio's own banner is silenced; uploads are checked from the image header before
@@ -28,8 +30,8 @@ from typing import Optional
 
 import gradio as gr
 
-from drip_llava.serve.chat import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ChatEngine, ChatSession, GenerationSettings,
-                                   ImageRejected, PromptTooLong, configure_pil)
+from drip_llava.serve.chat import (DEFAULT_MAX_PIXELS, ChatEngine, ChatSession, GenerationSettings, ImageRejected,
+                                   PromptTooLong, configure_pil)
 
 logger = logging.getLogger(__name__)
 
@@ -302,8 +304,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=0.7)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help="uploads with more pixels are refused (JPEGs are decoded at a reduced scale)")
-    p.add_argument("--max-image-side", type=int, default=DEFAULT_MAX_SIDE, help="accepted images are downscaled to this")
+                   help="uploads with more pixels are refused (JPEGs are decoded at a reduced scale); an accepted "
+                        "image is kept at its size until the model's image processor resizes it")
     p.add_argument("--no-examples", action="store_true", help="do not preload the offline example photos")
     return p.parse_args(argv)
 
@@ -317,7 +319,7 @@ def main(argv=None):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     engine = ChatEngine.from_pretrained(args.model_path, model_base=args.model_base, load_8bit=args.load_8bit,
                                         load_4bit=args.load_4bit, device=args.device, conv_mode=args.conv_mode,
-                                        max_image_pixels=args.max_image_pixels, max_image_side=args.max_image_side)
+                                        max_image_pixels=args.max_image_pixels)
     examples = [] if args.no_examples else prepare_examples()
     work_dir = tempfile.mkdtemp(prefix="drip_llava_gradio_")
     atexit.register(shutil.rmtree, work_dir, ignore_errors=True)
