@@ -204,6 +204,10 @@ def test_review_good_garbage_500_timeout(bench, tmp_path, monkeypatch, capsys):
     assert s["overall"]["relative_score"] == pytest.approx(6.0 / 7.75 * 100)
     assert re.search(r"conv\s+2\s+0\s+7\.500\s+8\.000\s+106\.7", table)
     assert re.search(r"all\s+4\s+1\s+7\.750\s+6\.000\s+77\.4", table)
+    # LLaVA's script averages the parse error in as (-1, -1): detail (10,5),(-1,-1); all ref 30/5, model 23/5
+    assert s["llava"] == {"all": [76.7, 60.0, 46.0], "complex": [50.0, 60.0, 30.0], "conv": [106.7, 75.0, 80.0],
+                          "detail": [44.4, 45.0, 20.0]}
+    assert "\nall 76.7 60.0 46.0\ncomplex 50.0 60.0 30.0\nconv 106.7 75.0 80.0\ndetail 44.4 45.0 20.0\n" in table
 
 
 def test_resume_after_server_dies(bench, tmp_path):
@@ -273,8 +277,26 @@ def test_missing_answers_skipped_and_counted(bench, tmp_path, capsys):
     assert "skipped 1 without our answer" in capsys.readouterr().out
 
 
-def test_summarize_llava_files():
-    """LLaVA's own review files: 'llava_bench_' categories and [-1, -1] failures (excluded here)."""
+def test_summarize_llava_files(tmp_path, capsys):
+    """LLaVA's own review files: 'llava_bench_' categories and [-1, -1] failures (excluded in ours); LLaVA's
+    summarize_gpt_review.py numbers, worked by hand: means rounded to 3 decimals, failures averaged in."""
+    recs = [{"question_id": 1, "category": "llava_bench_conv", "tuple": [1, 1]},
+            {"question_id": 2, "category": "llava_bench_conv", "tuple": [1, 1]},
+            {"question_id": 3, "category": "llava_bench_conv", "tuple": [2, 3]},
+            {"question_id": 4, "category": "llava_bench_detail", "tuple": [8, 6]},
+            {"question_id": 5, "category": "llava_bench_detail", "tuple": [-1, -1]},
+            {"question_id": 6, "category": "llava_bench_complex", "tuple": [10, 9]}]
+    review = tmp_path / "review.jsonl"
+    review.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert llavabench.main(["summarize", "--review", str(review)]) == 0
+    # conv: 1.667 / 1.333 -> 125.1 (unrounded means: 125.0); detail: 2.5 / 3.5; all: 3.167 / 3.5 (19/6, 21/6)
+    assert "\nall 90.5 35.0 31.7\ncomplex 90.0 100.0 90.0\nconv 125.1 13.3 16.7\ndetail 71.4 35.0 25.0\n" in (
+        capsys.readouterr().out)
+    s = summarize(recs)
+    assert s["categories"]["conv"]["relative_score"] == pytest.approx(125.0)
+    assert s["categories"]["detail"]["relative_score"] == pytest.approx(75.0)
+    assert s["categories"]["detail"]["parse_errors"] == 1
+    assert s["overall"]["relative_score"] == pytest.approx((1 + 1 + 3 + 6 + 9) / (1 + 1 + 2 + 8 + 10) * 100)
     recs = [{"question_id": 1, "category": "llava_bench_conv", "tuple": [8, 6]},
             {"question_id": 2, "category": "llava_bench_conv", "tuple": [-1, -1]},
             {"question_id": 3, "category": "llava_bench_detail", "tuple": [4, 4]},

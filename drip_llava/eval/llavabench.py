@@ -8,7 +8,9 @@
 The judge prompt and score parsing are LLaVA's. What differs, on purpose: files are paired by
 question_id (LLaVA zips lines), each review is appended as soon as it is done and a rerun skips the
 question_ids already reviewed, and a reply whose first line is not two scores is stored with
-``"parse_error": true`` and excluded (and counted) in the summary instead of being averaged in as -1.
+``"parse_error": true``. ``summarize`` prints LLaVA's summarize_gpt_review.py numbers first, under its layout
+(``llava`` in the JSON: a failed parse averaged in as -1, -1), then the project's table, which excludes and counts
+failed parses (``categories`` / ``overall``).
 """
 
 from __future__ import annotations
@@ -252,9 +254,28 @@ def _is_failure(rec: dict) -> bool:
     return bool(rec.get("parse_error")) or not t or len(t) != 2 or list(t) == [-1, -1]
 
 
+def llava_scores(records: list[dict]) -> dict[str, list]:
+    """LLaVA's summarize_gpt_review.py: per category and "all", [relative, reference*10, model*10] from the mean
+    scores rounded to 3 decimals, with a failed parse averaged in as (-1, -1); relative None where LLaVA divides
+    by zero."""
+    import numpy as np
+
+    scores: dict[str, list] = {}
+    for rec in records:
+        t = rec.get("tuple")
+        pair = [-1.0, -1.0] if rec.get("parse_error") or not t or len(t) != 2 else [float(x) for x in t]
+        scores.setdefault(normalize_category(str(rec.get("category", "unknown"))), []).append(pair)
+        scores.setdefault("all", []).append(pair)
+    out = {}
+    for key, pairs in sorted(scores.items()):
+        ref, model = (round(x, 3) for x in np.asarray(pairs).mean(0).tolist())
+        out[key] = [round(model / ref * 100, 1) if ref else None, round(ref * 10, 1), round(model * 10, 1)]
+    return out
+
+
 def summarize(records: list[dict], categories: list[str] | None = None) -> dict:
     """LLaVA's relative score, mean(model)/mean(reference)*100, per category and overall; failed
-    parses are excluded and counted."""
+    parses are excluded and counted. ``llava``: the same records (of ``categories``) scored as LLaVA's script."""
     by_cat: dict[str, list[dict]] = {}
     for rec in records:
         by_cat.setdefault(normalize_category(str(rec.get("category", "unknown"))), []).append(rec)
@@ -264,13 +285,17 @@ def summarize(records: list[dict], categories: list[str] | None = None) -> dict:
         cats = [c for c in CATEGORY_ORDER if c in by_cat] + sorted(c for c in by_cat if c not in CATEGORY_ORDER)
     out = {"categories": {c: _category_stats(by_cat.get(c, [])) for c in cats}}
     out["overall"] = _category_stats([r for c in cats for r in by_cat.get(c, [])])
+    out["llava"] = llava_scores([r for c in cats for r in by_cat.get(c, [])])
     return out
 
 
 def format_table(summary: dict) -> str:
+    """LLaVA's lines ("category relative reference*10 model*10", as its script prints them), then ours."""
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
-    rows = [f"{'category':<10} {'n':>4} {'failed':>6} {'ref':>6} {'model':>6} {'relative':>8}"]
+    rows = ["LLaVA's summarize_gpt_review.py (failed parses as -1, -1): category relative reference*10 model*10"]
+    rows += [" ".join(str(x) for x in (k, *v)) for k, v in summary.get("llava", {}).items()]
+    rows += ["", "Failed parses excluded:", f"{'category':<10} {'n':>4} {'failed':>6} {'ref':>6} {'model':>6} {'relative':>8}"]
     items = list(summary["categories"].items()) + [("all", summary["overall"])]
     for name, s in items:
         rows.append(f"{name:<10} {s['n']:>4} {s['parse_errors']:>6} {num(s['mean_reference'], '6.3f'):>6} "
