@@ -244,3 +244,36 @@ def test_two_rank_torchrun_cpu(shapes, tmp_path):
     assert json.loads((run / "vision_tower" / "config.json").read_text())["compression"] == 4.0
     state = torch.load(list_checkpoints(run)[-1] / "trainer_state.pt", weights_only=True)
     assert state["world_size"] == 2 and (list_checkpoints(run)[-1] / "rng_rank1.pt").is_file()
+
+
+def test_clip_finetune_from_hf_clip_folder_starts_both_towers_from_it(shapes, tmp_path):
+    """--init-vision HF_CLIP_FOLDER + compression override: a DRIP tower on the pretrained ViT, the text tower and
+    logit scale from the same CLIP (lr 0 here, so the exported text tower must still be the HF one exactly)."""
+    import open_clip
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    hf = CLIPModel(CLIPConfig(
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+                           image_size=64, patch_size=8),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=32)).eval()
+    hf.save_pretrained(tmp_path / "clip")
+    run = tmp_path / "run"
+    argv = ["--train-data", str(shapes / "train-{000000..000003}.tar"), "--init-vision", str(tmp_path / "clip"),
+            "--vision-override", "compression=4", "n_pre=1", "--batch-size", "8", "--lr", "0", "--output", str(run),
+            "--samples-per-epoch", "16", "--shuffle-buffer", "8", "--log-every", "1", "--no-tqdm", "--steps", "2",
+            "--zeroshot-dir", str(shapes / "imagefolder" / "val"), "--classnames", str(shapes / "classnames.json")]
+    clip.main(argv)
+    log = read_jsonl(run / "log.jsonl")
+    assert steps_of(log) == [1, 2]
+    epoch = [r for r in log if r["event"] == "epoch"][-1]
+    assert epoch["zeroshot_top1"] is not None and epoch["zeroshot_tokens_per_img"] < 64
+    tower = DripVisionModel.from_pretrained(str(run / "vision_tower"))
+    assert tower.config.compression == 4.0 and tower.config.act == "quick_gelu" and tower.config.n_pre == 1
+    model = DripCLIP.from_towers(run / "vision_tower", run / "text_tower").eval()
+    tokens = open_clip.SimpleTokenizer(context_length=77)(["a red circle", "a blue square"])
+    with torch.no_grad():
+        ref = hf.get_text_features(input_ids=tokens)
+        torch.testing.assert_close(model.encode_text(tokens), getattr(ref, "pooler_output", ref), atol=1e-5, rtol=1e-5)
+    assert model.logit_scale.item() == pytest.approx(hf.logit_scale.item())

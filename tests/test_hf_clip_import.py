@@ -131,3 +131,26 @@ def test_open_clip_spec_with_openai_tag_builds_quick_gelu(monkeypatch):
     assert calls == [("ViT-B-32", "openai", {"force_quick_gelu": True})]
     assert drip.config.act == "quick_gelu"
     assert load_drip_model("open_clip:ViT-B-32:laion2b_s34b_b79k").config.act == "gelu"
+
+
+# ---------------------------------------------------------------------------------------- CLIP trainer init
+def test_hf_clip_text_tower_matches_get_text_features(tmp_path):
+    """The text half of an HF CLIPModel as open_clip's TextTransformer in DripCLIP: same tokens, same embedding."""
+    import open_clip
+
+    from vision_pretrain.clip_model import DripCLIP, text_init_from_hf_clip
+
+    hf = randomize_(CLIPModel(CLIPConfig(vision_config=VISION, text_config=TEXT, projection_dim=16)))
+    hf.save_pretrained(tmp_path)
+    init = text_init_from_hf_clip(tmp_path)
+    assert init.cfg["quick_gelu"] and init.cfg["context_length"] == 77 and init.cfg["width"] == 32
+    model = DripCLIP(DripVisionModel.from_hf_clip(tmp_path), init.cfg).eval()
+    model.load_text_init(init)
+    tokens = open_clip.SimpleTokenizer(context_length=77)(["a red circle", "two small blue squares on grass"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref_t, ref_i = hf.get_text_features(input_ids=tokens), hf.get_image_features(pixel_values=x)
+        ref_t, ref_i = getattr(ref_t, "pooler_output", ref_t), getattr(ref_i, "pooler_output", ref_i)
+        torch.testing.assert_close(model.encode_text(tokens), ref_t, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.encode_image(x), ref_i, atol=1e-5, rtol=1e-5)
+    assert model.logit_scale.item() == pytest.approx(hf.logit_scale.item())

@@ -4,6 +4,9 @@
       --model drip-tiny-16-4x --text-model tiny --batch-size 64 --steps 200 --lr 1e-3 --warmup 20 \
       --output RUN --resume auto --zeroshot-dir DIR/imagefolder/val --classnames DIR/classnames.json
 (`python -m vision_pretrain.clip ...` runs the same on one process.)
+From a pretrained CLIP, both towers start from its weights (--init-text auto) and DRIP fields come from overrides:
+  ... --init-vision /models/clip-vit-large-patch14-336 --vision-override compression=4 n_pre=4   (HF CLIPModel folder)
+  ... --init-vision open_clip:ViT-L-14-336:openai --model drip-l-14-4x                            (open_clip)
 
 Loss = open_clip ClipLoss (embeddings gathered across ranks: pooled, fixed-shape, never segment tokens)
      + w * DRIP rate loss (w = --rate-loss-weight, default the model config's rate_loss_weight).
@@ -14,6 +17,7 @@ vision_tower/ (DripVisionModel folder: what LLaVA and classify load), text_tower
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import open_clip
 import torch
@@ -21,16 +25,19 @@ from open_clip.loss import ClipLoss
 
 from drip_llava.distributed import exit_after_main
 from drip_llava.vision import DripVisionModel
+from drip_llava.vision.hf_clip_import import is_hf_clip_folder, read_json
+from drip_llava.vision.open_clip_import import create_open_clip
 
 from . import zeroshot
 from .checkpoint import export_atomic
-from .clip_model import DripCLIP, build_tokenizer, get_text_config
+from .clip_model import DripCLIP, build_tokenizer, get_text_config, text_init_from_hf_clip, text_init_from_open_clip
 from .data import clip_loader, count_samples, expand_urls
 from .distributed import broadcast_object, cleanup
 from .loop import Task, fit, start_run
 from .params import ClipArgs, ClipDataArgs, ClipModelArgs, TrainArgs, parse_grouped, parse_overrides, to_dict
 
 LOGIT_SCALE_MAX = math.log(100)
+DEFAULT_PRESET = "drip-tiny-16-4x"
 
 
 def parse_args(argv=None) -> ClipArgs:
@@ -38,14 +45,38 @@ def parse_args(argv=None) -> ClipArgs:
                          "CLIP pretraining of a DRIP image tower", defaults={"train": {"wd": 0.2}})
 
 
-def build_vision(name: str, init: str | None, overrides: dict) -> DripVisionModel:
-    """Preset (random init), a DripVisionModel folder, or open_clip:NAME:TAG mapped onto the preset's layout."""
+def build_vision(name: str | None, init, overrides: dict) -> DripVisionModel:
+    """Preset (random init), a DripVisionModel folder, an HF CLIP folder, open_clip:NAME:TAG or an open_clip model;
+    pretrained ViTs take their shape from the checkpoint and DRIP fields from the preset (when given) + overrides."""
     if init is None:
-        return DripVisionModel.from_preset(name, **overrides)
+        return DripVisionModel.from_preset(name or DEFAULT_PRESET, **overrides)
+    if isinstance(init, torch.nn.Module):
+        return DripVisionModel.from_open_clip(init, preset=name, **overrides)
     if init.startswith("open_clip:"):
         _, oc_name, tag = init.split(":", 2)
         return DripVisionModel.from_open_clip((oc_name, tag), preset=name, **overrides)
+    if is_hf_clip_folder(Path(init)):
+        return DripVisionModel.from_hf_clip(init, preset=name, **overrides)
     return DripVisionModel.from_pretrained(init, **overrides)
+
+
+def pretrained_clip(init: str | None, init_text: str):
+    """(image-tower source, TextInit or None) for --init-vision / --init-text: an open_clip spec is created once
+    and serves both towers; an HF CLIPModel folder gives its text half."""
+    if init_text not in ("auto", "none"):
+        raise ValueError(f"--init-text {init_text!r}: expected 'auto' or 'none'")
+    if init is None:
+        return None, None
+    if init.startswith("open_clip:"):
+        _, oc_name, tag = init.split(":", 2)
+        if init_text == "none":
+            return init, None
+        oc = create_open_clip(oc_name, tag)
+        return oc, text_init_from_open_clip(oc, oc_name)
+    if init_text == "auto" and is_hf_clip_folder(Path(init)) and read_json(Path(init) / "config.json").get(
+            "model_type") == "clip":
+        return init, text_init_from_hf_clip(init)
+    return init, None
 
 
 def gmacs(config, tokens_per_img: float | None) -> float | None:
@@ -61,9 +92,17 @@ def main(argv=None) -> dict:
     info, run = start_run(args, t)
 
     torch.manual_seed(t.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    visual = build_vision(m.model, m.init_vision, parse_overrides(m.vision_override))
-    text_cfg = {**get_text_config(m.text_model), **parse_overrides(m.text_override)}
-    model = DripCLIP(visual, text_cfg, init_logit_scale=m.init_logit_scale)
+    vision_source, text_init = pretrained_clip(m.init_vision, m.init_text)
+    visual = build_vision(m.model, vision_source, parse_overrides(m.vision_override))
+    if text_init is not None:  # both towers from the same pretrained CLIP
+        text_cfg = {**text_init.cfg, **parse_overrides(m.text_override)}
+        model = DripCLIP(visual, text_cfg)
+        model.load_text_init(text_init)
+        if info.is_main:
+            print(f"text tower and logit scale from {text_init.source} (--text-model unused)", flush=True)
+    else:
+        text_cfg = {**get_text_config(m.text_model), **parse_overrides(m.text_override)}
+        model = DripCLIP(visual, text_cfg, init_logit_scale=m.init_logit_scale)
     tokenizer = build_tokenizer(text_cfg)
     torch.manual_seed(t.seed + 1000 * info.rank)  # different Gumbel noise per rank
 

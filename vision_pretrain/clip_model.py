@@ -5,11 +5,15 @@ open_clip model config's `text_cfg`), and tokenised by open_clip's SimpleTokeniz
   RUN/vision_tower/  DripVisionModel folder (config.json + model.safetensors): what LLaVA and classify load
   RUN/text_tower/    config.json (text config, embed_dim) + model.safetensors (text tower + logit_scale):
                      what zero-shot evaluation needs besides the image tower
+A pretrained CLIP (an HF CLIPModel folder or an open_clip model) can start both towers: `TextInit` carries its
+text tower as open_clip's TextTransformer (`text_init_from_hf_clip`, `text_init_from_open_clip`).
 """
 from __future__ import annotations
 
 import json
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -50,6 +54,95 @@ def build_tokenizer(text_cfg: dict):
     return open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
 
 
+# HF CLIPTextModel key (relative to `text_model.`) -> open_clip TextTransformer key. Regexes, applied in order;
+# q/k/v are concatenated into in_proj_*, and text_projection.weight is transposed (open_clip: x @ proj).
+HF_TEXT_RENAMES = {
+    r"^embeddings\.token_embedding\.": "token_embedding.",
+    r"^embeddings\.position_embedding\.weight$": "positional_embedding",
+    r"^encoder\.layers\.(\d+)\.layer_norm1\.": r"transformer.resblocks.\1.ln_1.",
+    r"^encoder\.layers\.(\d+)\.layer_norm2\.": r"transformer.resblocks.\1.ln_2.",
+    r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.": r"transformer.resblocks.\1.attn.out_proj.",
+    r"^encoder\.layers\.(\d+)\.mlp\.fc1\.": r"transformer.resblocks.\1.mlp.c_fc.",
+    r"^encoder\.layers\.(\d+)\.mlp\.fc2\.": r"transformer.resblocks.\1.mlp.c_proj.",
+    r"^final_layer_norm\.": "ln_final.",
+}
+_HF_QKV = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
+OPENAI_VOCAB = 49408  # open_clip.SimpleTokenizer = OpenAI's BPE, what this trainer tokenises with
+
+
+@dataclass
+class TextInit:
+    """A pretrained text tower for DripCLIP: open_clip text config, TextTransformer state, logit scale."""
+    cfg: dict
+    state: dict
+    logit_scale: float
+    source: str
+
+
+def text_init_from_hf_clip(folder: str | Path) -> TextInit:
+    """The text half of an HF CLIPModel folder (e.g. openai/clip-vit-large-patch14-336) as open_clip's
+    TextTransformer: same tokens in, same embedding out."""
+    from transformers import CLIPTextConfig
+
+    from drip_llava.vision.hf_clip_import import load_folder_state, read_json
+
+    folder = Path(folder)
+    cfg = read_json(folder / "config.json")
+    if cfg.get("model_type") != "clip" or "text_config" not in cfg:
+        raise ValueError(f"{folder}: no CLIP text tower (config model_type {cfg.get('model_type')!r}; a CLIPModel "
+                         "folder holds both towers)")
+    t = CLIPTextConfig(**{k: v for k, v in cfg["text_config"].items() if k != "model_type"})
+    if t.hidden_act not in ("quick_gelu", "gelu"):
+        raise ValueError(f"{folder}: text hidden_act {t.hidden_act!r} has no open_clip equivalent")
+    if t.vocab_size != OPENAI_VOCAB or t.layer_norm_eps != 1e-5:
+        raise ValueError(f"{folder}: text tower with vocab {t.vocab_size} / layer_norm_eps {t.layer_norm_eps}: only "
+                         f"OpenAI's BPE ({OPENAI_VOCAB} tokens, open_clip's SimpleTokenizer) with eps 1e-5 is supported")
+    text_cfg = dict(context_length=t.max_position_embeddings, vocab_size=t.vocab_size, width=t.hidden_size,
+                    heads=t.num_attention_heads, layers=t.num_hidden_layers,
+                    mlp_ratio=t.intermediate_size / t.hidden_size, quick_gelu=t.hidden_act == "quick_gelu")
+    raw = load_folder_state(folder, lambda k: k.startswith("text_model.") or k in ("text_projection.weight",
+                                                                                 "logit_scale"))
+    state, qkv, unknown = {}, {}, []
+    for key, value in raw.items():
+        if key in ("text_projection.weight", "logit_scale"):
+            continue
+        key = key[len("text_model."):]
+        if key == "embeddings.position_ids":
+            continue
+        m = _HF_QKV.match(key)
+        if m:
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+            continue
+        for pattern, repl in HF_TEXT_RENAMES.items():
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                state[new] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{folder}: text keys without an open_clip equivalent: {unknown[:10]}")
+    for (layer, kind), parts in qkv.items():
+        state[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    state["text_projection"] = raw["text_projection.weight"].t().contiguous()
+    return TextInit(text_cfg, state, float(raw["logit_scale"]), str(folder))
+
+
+def text_init_from_open_clip(model, name: str) -> TextInit:
+    """The text tower of an open_clip CLIP model (its config from open_clip's model registry)."""
+    text_cfg = get_text_config(name)
+    custom = hasattr(model, "text")  # CustomTextCLIP keeps its text tower under .text, CLIP at the top level
+    tower_modules = model.text.modules() if custom else model.transformer.modules()
+    if any(type(m).__name__ == "QuickGELU" for m in tower_modules):
+        text_cfg["quick_gelu"] = True  # forced for OpenAI-style tags (see drip_llava.vision.open_clip_import)
+    if custom:
+        state = {k: v.detach() for k, v in model.text.state_dict().items()}
+    else:
+        state = {k: v.detach() for k, v in model.state_dict().items()
+                 if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
+    return TextInit(text_cfg, state, float(model.logit_scale.detach()), f"open_clip:{name}")
+
+
 class DripCLIP(nn.Module):
     def __init__(self, visual: DripVisionModel, text_cfg: dict, init_logit_scale: float = math.log(1 / 0.07)):
         super().__init__()
@@ -84,6 +177,12 @@ class DripCLIP(nn.Module):
             "boundary_rate": out.boundaries.detach().float().mean(),
             "num_tokens": out.num_tokens,
         }
+
+    def load_text_init(self, init: TextInit) -> None:
+        """Pretrained text weights and logit scale (strict: every TextTransformer key, nothing else)."""
+        self.text.load_state_dict(init.state, strict=True)
+        with torch.no_grad():
+            self.logit_scale.fill_(init.logit_scale)
 
     # ---- export / import --------------------------------------------------------------------------
     def save_text_tower(self, folder: str | Path) -> None:

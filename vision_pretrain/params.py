@@ -48,11 +48,18 @@ class TrainArgs:
 
 @dataclass
 class ClipModelArgs:
-    model: str = _f("drip-tiny-16-4x", "DRIP/ViT preset of the image tower (drip_llava.vision.list_presets())")
-    vision_override: list = _f([], "override preset fields, KEY=VALUE (JSON value), e.g. rate_loss=\"binomial\"",
+    model: Optional[str] = _f(None, "DRIP/ViT preset of the image tower (drip_llava.vision.list_presets()); default "
+                                    "drip-tiny-16-4x, or with a pretrained --init-vision the DRIP fields' defaults "
+                                    "(a preset there supplies compression, n_pre, ...; its shape must match)")
+    vision_override: list = _f([], "override preset fields, KEY=VALUE (JSON value), e.g. rate_loss=\"binomial\"; "
+                                   "compression=4 n_pre=4 on a pretrained ViT = a fresh boundary predictor",
                                nargs="*")
-    init_vision: Optional[str] = _f(None, "start the image tower from a DripVisionModel folder or "
-                                          "open_clip:NAME:TAG (loaded from the local cache)")
+    init_vision: Optional[str] = _f(None, "start the image tower from a DripVisionModel folder, an HF CLIP folder "
+                                          "(e.g. openai/clip-vit-large-patch14-336 downloaded) or open_clip:NAME:TAG "
+                                          "(loaded from the local cache)")
+    init_text: str = _f("auto", "text tower start: 'auto' = the --init-vision CLIP's own text tower when it has "
+                                "one (HF CLIPModel folder, open_clip:NAME:TAG; --text-model is then unused), else "
+                                "random from --text-model; 'none' = always random from --text-model")
     text_model: str = _f("tiny", "text tower config: vision_pretrain/text_configs.json or an open_clip model name")
     text_override: list = _f([], "override text config fields, KEY=VALUE (JSON value), e.g. context_length=64",
                              nargs="*")

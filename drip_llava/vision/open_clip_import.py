@@ -39,7 +39,8 @@ def _open_clip_visual(model_or_name):
 
 
 def config_from_visual(visual, preset: Optional[str] = None, **overrides) -> DripVisionConfig:
-    """Shape fields come from the open_clip tower; DRIP fields (compression, n_pre, ...) from the preset."""
+    """Shape fields come from the open_clip tower; DRIP fields (compression, n_pre, ...) from the preset, whose
+    shape must agree (except image_size: e.g. drip-l-14-4x on ViT-L-14-336)."""
     blocks = visual.transformer.resblocks
     width = visual.conv1.out_channels
     mlp_hidden = blocks[0].mlp.c_fc.out_features
@@ -52,7 +53,7 @@ def config_from_visual(visual, preset: Optional[str] = None, **overrides) -> Dri
     )
     if preset is not None:
         base = get_preset_config(preset).to_dict()
-        for k in ("image_size", "patch_size", "hidden_size", "depth", "num_heads", "embed_dim"):
+        for k in ("patch_size", "hidden_size", "depth", "num_heads", "embed_dim"):  # resolution: the checkpoint's
             if base[k] != shape[k]:
                 raise ValueError(f"preset {preset!r} has {k}={base[k]} but the open_clip tower has {shape[k]}")
         keep = {k: v for k, v in base.items() if k in DripVisionConfig().to_dict() and k not in shape}
