@@ -234,3 +234,25 @@ def test_upstream_relative_tower_path(upstream, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "mm_vision_tower": "clip"}))
     loaded = load_pretrained_model(tmp_path, device="cpu", torch_dtype=torch.float32)
     assert loaded.model.config.mm_vision_tower == str(tmp_path / "clip")
+
+
+def test_upstream_checkpoint_with_its_own_tower_weights(upstream, tmp_path):
+    """A checkpoint trained with an unfrozen tower saves it (model.vision_tower.vision_tower.vision_model.*):
+    those weights win over the CLIP folder's, which then only supplies the tower's config and preprocessing."""
+    llava_dir, clip_dir, _ = upstream
+    own = randomize_(CLIPVisionModel(CLIPVisionConfig(**VISION)), seed=5)
+    state = {}
+    for f in sorted(llava_dir.glob("*.bin")):
+        state.update(torch.load(f, weights_only=True))
+    state.update({f"model.vision_tower.vision_tower.vision_model.{k}": v for k, v in own.state_dict().items()})
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    for f in llava_dir.iterdir():
+        if f.suffix != ".bin" and f.name != "pytorch_model.bin.index.json":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    loaded = load_pretrained_model(tmp_path, device="cpu", torch_dtype=torch.float32, vision_tower=clip_dir)
+    assert "vision tower weights from the checkpoint" in loaded.notes
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats, _ = loaded.model.get_vision_tower()(x)
+        ref = own(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+    torch.testing.assert_close(feats, ref, atol=1e-5, rtol=1e-5)
