@@ -256,3 +256,20 @@ def test_upstream_checkpoint_with_its_own_tower_weights(upstream, tmp_path):
         feats, _ = loaded.model.get_vision_tower()(x)
         ref = own(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
     torch.testing.assert_close(feats, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"compression": 4.0, "n_pre": 1}])
+def test_hf_clip_folder_as_stage1_tower(upstream, tiny_llm_dir, tmp_path, overrides):
+    """--vision_tower CLIP_FOLDER: the unmodified CLIP (the baseline) or, with a compression, DRIP on its ViT;
+    the stage-1 output folder reloads with the same tower."""
+    _, clip_dir, _ = upstream
+    model = DripLlavaForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32)
+    model.initialize_vision_modules(str(clip_dir), **overrides)
+    vc = model.config.vision_config
+    assert (vc["compression"], vc["act"], vc["image_size"]) == (overrides.get("compression", 1.0), "quick_gelu", 32)
+    model.save_mm_projector(tmp_path / "stage1")
+    loaded = load_pretrained_model(tmp_path / "stage1", model_base=tiny_llm_dir, device="cpu",
+                                   torch_dtype=torch.float32)
+    assert loaded.kind == "projector"
+    a, b = model.vision_tower.state_dict(), loaded.model.vision_tower.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
