@@ -202,6 +202,13 @@ def test_upstream_hub_tower_name_needs_a_local_folder(upstream):
         load_pretrained_model(llava_dir, device="cpu", torch_dtype=torch.float32)
 
 
+def test_upstream_with_another_tower_width_is_refused(upstream, tmp_path):
+    llava_dir, _, _ = upstream
+    CLIPVisionModel(CLIPVisionConfig(**{**VISION, "hidden_size": 48})).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="mm_hidden_size mismatch.*width 32.*width 48"):
+        load_pretrained_model(llava_dir, device="cpu", vision_tower=tmp_path)
+
+
 def test_upstream_folder_gives_llavas_answers(upstream):
     llava_dir, clip_dir, reference = upstream
     loaded = load_pretrained_model(llava_dir, device="cpu", torch_dtype=torch.float32, vision_tower=clip_dir)

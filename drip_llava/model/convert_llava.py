@@ -160,6 +160,10 @@ def plan_llava_upstream(folder: Path, vision_tower: Optional[str | Path] = None)
         raise ValueError(f"{folder}/config.json has no mm_vision_tower: not a multimodal LLaVA checkpoint")
     clip_dir = resolve_clip_folder(name, folder, vision_tower)
     clip_cfg = read_json(clip_dir / "config.json")
+    width = vision_config_dict(clip_cfg)["hidden_size"]
+    if cfg.get("mm_hidden_size") not in (None, width):
+        raise ValueError(f"mm_hidden_size mismatch: {folder} was trained on a tower of width {cfg['mm_hidden_size']}, "
+                         f"the CLIP folder {clip_dir} has width {width}")
     pre = clip_dir / "preprocessor_config.json"
     llama_fields = set(LlamaConfig().to_dict())
     llama = {k: v for k, v in cfg.items() if k in llama_fields and not k.startswith(_LLAVA_ONLY_KEYS)}
