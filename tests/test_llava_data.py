@@ -173,7 +173,7 @@ def test_tokenization_mismatch_names_the_sample_and_is_counted(tok):
     ds = LazySupervisedDataset(data, tok, MidWordTemplate(), None, 64)
     with pytest.raises(BadSampleError, match="'tokenization_mismatch': 50.*last: sample 'sample-42'"):
         ds[0]
-    with pytest.raises(ValueError, match="no usable sample.*'tokenization_mismatch': 1"):
+    with pytest.raises(ValueError, match="no usable sample.*'tokenization_mismatch': 1.*last: sample 'sample-42'"):
         LazySupervisedDataset(data, tok, MidWordTemplate(), None, 64, preprocess_text=True)
 
 
@@ -187,6 +187,7 @@ MALFORMED = [  # (id, has image, conversations): each ConversationError in the d
     ("not_alternating", False, [{"from": "human", "value": "Hi."}, {"from": "human", "value": "Hi again."},
                                 {"from": "gpt", "value": "Hello."}]),
     ("not_a_list", False, "human: hi"),
+    ("no_conversations", False, None),
     ("unknown_role", False, [{"from": "narrator", "value": "Once."}, {"from": "gpt", "value": "x"}]),
 ]
 

@@ -2,10 +2,12 @@
 
 A template renders a conversation to text and returns the character spans the loss is trained on (the
 assistant's answers plus their end marker). `tokenize_conversation` then tokenizes the text once, with character
-offsets, and labels a token iff it lies in a span. Unlike LLaVA, which re-derives the label positions by
-tokenizing the pieces separately and counting (and on a disagreement silently zeroes the loss, "tokenization
-mismatch"), a disagreement here is impossible to miss: a token that mixes prompt and answer characters, or an
-answer character no token covers, raises `TokenizationMismatch` naming the sample.
+offsets, and labels a token iff its last non-space character lies in a span. For LLaVA's templates (v1, plain)
+and a Llama/Vicuna tokenizer the ids and labels are LLaVA's own (tests/test_upstream_labels.py). Unlike LLaVA,
+which re-derives the label positions by tokenizing the pieces separately and counting (and on a disagreement
+silently zeroes the loss, "tokenization mismatch"), a disagreement here is impossible to miss: a token that mixes
+prompt and answer characters, or an answer character no token covers, raises `TokenizationMismatch` naming the
+sample (the training dataset logs and counts it as a skip).
 
 The image marker "<image>" stays one placeholder id (IMAGE_TOKEN_INDEX): the model splices in however many
 tokens the DRIP tower gives for that image.

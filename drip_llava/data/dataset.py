@@ -155,7 +155,8 @@ class LazySupervisedDataset(Dataset):
                 tokens.append((np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)))
             self.index, self._tokens = np.asarray(keep, dtype=np.int64), tokens
             if not len(keep):
-                raise ValueError(f"no usable sample out of {len(self.records)} (skips: {self.skips.as_dict()})")
+                raise ValueError(f"no usable sample out of {len(self.records)} (skips: {self.skips.as_dict()}; "
+                                 f"last: {self._last_skip})")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -179,7 +180,7 @@ class LazySupervisedDataset(Dataset):
         sid = rec.get("id", rec_idx)
         has_image = rec.get("image") is not None
         try:
-            ids, labels = preprocess_conversation(rec["conversations"], self.tokenizer, self.template, has_image,
+            ids, labels = preprocess_conversation(rec.get("conversations"), self.tokenizer, self.template, has_image,
                                                   sample_id=sid)
         except (ConversationError, TokenizationMismatch) as e:
             if not self.skip_bad_samples:
