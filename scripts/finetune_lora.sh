@@ -6,9 +6,11 @@
 # Every setting is an environment variable (defaults in brackets); extra arguments go to the trainer as-is
 # and win over the defaults (e.g. `bash scripts/finetune_lora.sh --max_steps 100 --save_steps 50`).
 #   MODEL              base LLM folder (Llama architecture)          [lmsys/vicuna-7b-v1.5]
-#   VISION_TOWER       DripVisionModel folder or preset              [drip-l-14-4x]
 #   PRETRAIN_ADAPTER   stage-1 output: mm_projector.safetensors, its folder, or LLaVA's .bin; empty = fresh projector
 #                                                                     [./checkpoints/drip-llava-pretrain/mm_projector.safetensors]
+#   VISION_TOWER       trained DripVisionModel folder (or open_clip:NAME:PRETRAINED)
+#                                                                     [the stage-1 folder's vision_tower/, the tower
+#                                                                      the projector was aligned to]
 #   DATA_PATH          LLaVA JSON                                    [./playground/data/llava_v1_5_mix665k.json]
 #   IMAGE_FOLDER       root of the JSON's image paths               [./playground/data]
 #   OUTPUT_DIR                                                       [./checkpoints/drip-llava-lora]
@@ -20,12 +22,17 @@
 #   PRECISION          bf16 | fp16 | fp32                            [bf16 on GPUs that have it, else fp16; fp32 on CPU]
 #   PER_DEVICE_BATCH   micro-batch per process                       [16]
 #   GLOBAL_BATCH       kept constant: gradient accumulation = GLOBAL_BATCH / (NUM_GPUS * PER_DEVICE_BATCH)   [128]
-#   EPOCHS [1]  MAX_STEPS [-1 = by epochs]  SAVE_STEPS [50000]  SAVE_TOTAL_LIMIT [1]  LOGGING_STEPS [1]
+#   EPOCHS [1]  MAX_STEPS [-1 = by epochs]  SAVE_TOTAL_LIMIT [1]  LOGGING_STEPS [1]
+#   SAVE_STEPS         steps between checkpoints, or a fraction of the run's steps (HF's rule for values < 1)  [0.1]
+#                      a checkpoint every 10% of the run: mix665k at global batch 128 is 5,197 steps, one
+#                      checkpoint every 520 (LLaVA's 50000 never saves before the end of an epoch)
 #   LR [2e-4]  MM_PROJECTOR_LR [2e-5]  LORA_R [128]  LORA_ALPHA [256]  LORA_DROPOUT [0.05]
 #   MODEL_MAX_LENGTH [2048]  GRAD_CKPT [True]  NUM_WORKERS [4]  IMAGE_ASPECT_RATIO [pad]
 #   PROJECTOR_TYPE     as stage 1 trained it (PRETRAIN_ADAPTER's metadata names it)   [mlp2x_gelu]
 #   RESUME             auto (continue from the last OUTPUT_DIR/checkpoint-N if any) | True | PATH | False   [auto]
-#   REPORT_TO [none]   PYTHON [python]   DEEPSPEED [deepspeed]
+#   REPORT_TO [none] (wandb, tensorboard: the package must be installed)   PYTHON [python]   DEEPSPEED [deepspeed]
+# A tower with random weights (a preset name) is refused unless `--allow_random_vision_tower True` is passed;
+# `--unfreeze_mm_vision_tower True` also trains the tower (with DRIP's rate loss).
 #
 # Output (also in every checkpoint-N, with the optimizer state for resuming): adapter_config.json +
 # adapter_model.safetensors + non_lora_trainables.safetensors + config.json + vision_tower/. Load with
@@ -36,8 +43,17 @@ PYTHON="${PYTHON:-python}"
 DEEPSPEED="${DEEPSPEED:-deepspeed}"
 
 MODEL="${MODEL:-lmsys/vicuna-7b-v1.5}"
-VISION_TOWER="${VISION_TOWER:-drip-l-14-4x}"
 PRETRAIN_ADAPTER="${PRETRAIN_ADAPTER-./checkpoints/drip-llava-pretrain/mm_projector.safetensors}"
+if [[ -z "${VISION_TOWER:-}" ]]; then
+  # stage 1 saves the tower it aligned the projector to next to mm_projector.safetensors
+  ADAPTER_DIR="$PRETRAIN_ADAPTER"; [[ -f "$ADAPTER_DIR" ]] && ADAPTER_DIR="$(dirname "$ADAPTER_DIR")"
+  if [[ -n "$PRETRAIN_ADAPTER" && -f "$ADAPTER_DIR/vision_tower/config.json" ]]; then
+    VISION_TOWER="$ADAPTER_DIR/vision_tower"
+  else
+    echo "VISION_TOWER is not set and PRETRAIN_ADAPTER (${PRETRAIN_ADAPTER:-empty}) has no vision_tower/ beside it:" \
+         "set VISION_TOWER to a trained DripVisionModel folder (e.g. a CLIP run's RUN/vision_tower)" >&2; exit 2
+  fi
+fi
 DATA_PATH="${DATA_PATH:-./playground/data/llava_v1_5_mix665k.json}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-./playground/data}"
 OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/drip-llava-lora}"
@@ -47,7 +63,7 @@ PER_DEVICE_BATCH="${PER_DEVICE_BATCH:-16}"
 GLOBAL_BATCH="${GLOBAL_BATCH:-128}"
 EPOCHS="${EPOCHS:-1}"
 MAX_STEPS="${MAX_STEPS:--1}"
-SAVE_STEPS="${SAVE_STEPS:-50000}"
+SAVE_STEPS="${SAVE_STEPS:-0.1}"
 SAVE_TOTAL_LIMIT="${SAVE_TOTAL_LIMIT:-1}"
 LOGGING_STEPS="${LOGGING_STEPS:-1}"
 LR="${LR:-2e-4}"

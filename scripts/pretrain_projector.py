@@ -8,7 +8,8 @@
 LLaVA-1.5's stage-1 settings are the defaults here (any flag given on the command line wins): template plain,
 --tune_mm_mlp_adapter, lr 1e-3, weight decay 0, warmup 3%, cosine, 1 epoch, model_max_length 2048, projector
 mlp2x_gelu from block -2, lazy tokenization, gradient checkpointing, 4 loader workers, bf16 where the GPU has
-it (fp32 on CPU, with use_cpu). Output:
+it (fp32 on CPU, with use_cpu), a checkpoint every 10% of the run (LLaVA's save_steps 24000 is past the end of
+its 2,180-step epoch). Output:
 OUT/mm_projector.safetensors + OUT/config.json + OUT/vision_tower/, which load with
 `load_pretrained_model(OUT, model_base=LLM_DIR)` and feed stage 2 via --pretrain_mm_mlp_adapter.
 Also `python scripts/pretrain_projector.py ...` (one process, no DeepSpeed). All flags: --help.
@@ -30,7 +31,7 @@ STAGE1_DEFAULTS = [
     "--gradient_checkpointing", "True",
     "--dataloader_num_workers", "4",
     "--save_strategy", "steps",
-    "--save_steps", "24000",
+    "--save_steps", "0.1",  # a checkpoint every 10% of the run (LLaVA's 24000 never saves during 558K)
     "--save_total_limit", "1",
     "--logging_steps", "1",
     "--report_to", "none",

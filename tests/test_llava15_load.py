@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from transformers import (AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig,
                           CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration)
 
@@ -145,6 +146,9 @@ def test_converted_folder_reloads_as_full(llava_hf_dir, tmp_path):
         torch.testing.assert_close(b.model(input_ids=ids, images=pixels).logits,
                                    a(input_ids=ids, images=pixels).logits, atol=0, rtol=0)
     assert b.model.config.conv_mode == "vicuna_v1"
+    img = Image.new("RGB", (40, 24), (200, 30, 60))
+    torch.testing.assert_close(b.image_processor(img), load_pretrained_model(llava_hf_dir, device="cpu")
+                               .image_processor(img), atol=0, rtol=0)  # same preprocessing as the source
 
 
 # ------------------------------------------------------------------------------------------------ upstream LLaVA

@@ -195,7 +195,8 @@ def test_main_smoke_stage1_in_process(tiny_llm_dir, tiny_drip_dir, data_dir, tmp
     out = tmp_path / "stage1"
     summary = main(base_args(tiny_llm_dir, tiny_drip_dir, data_dir, out) + [
         "--version", "plain", "--tune_mm_mlp_adapter", "True", "--per_device_train_batch_size", "4",
-        "--learning_rate", "1e-2", "--max_steps", "4", "--save_steps", "2", "--group_by_modality_length", "True"])
+        "--learning_rate", "1e-2", "--max_steps", "4", "--save_steps", "2", "--group_by_modality_length", "True",
+        "--visual_token_count", "exact"])
     assert summary["recipe"] == "stage1" and summary["global_step"] == 4
     logs = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in logs] == [1, 2, 3, 4]
@@ -218,7 +219,7 @@ def test_main_smoke_stage1_in_process(tiny_llm_dir, tiny_drip_dir, data_dir, tmp
     main(base_args(tiny_llm_dir, tiny_drip_dir, data_dir, resumed) + [
         "--version", "plain", "--tune_mm_mlp_adapter", "True", "--per_device_train_batch_size", "4",
         "--learning_rate", "1e-2", "--max_steps", "4", "--save_steps", "2", "--group_by_modality_length", "True",
-        "--resume_from_checkpoint", "auto"])
+        "--resume_from_checkpoint", "auto", "--visual_token_cache", str(out / "visual_token_counts.json")])
     assert [r["step"] for r in read_metrics(resumed) if "loss" in r] == [3, 4]
     again = load_file(str(resumed / "mm_projector.safetensors"))
     for k, v in proj.items():

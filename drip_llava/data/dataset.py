@@ -282,31 +282,48 @@ def tower_fingerprint(vision_config: dict, select_layer: int, aspect_ratio: str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+class _ImagesToCount(Dataset):
+    """compute_image_token_counts' images for its loader workers: (name, tensor, or None when unreadable)."""
+
+    def __init__(self, names: Sequence[str], loader: ImageLoader):
+        self.names, self.loader = list(names), loader
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int):
+        name = self.names[i]
+        try:
+            return name, self.loader(name)
+        except (OSError, ValueError, SyntaxError) as e:
+            logger.warning("visual token count: cannot read %s: %s", self.loader.path(name), e)
+            return name, None
+
+
 @torch.no_grad()
 def compute_image_token_counts(tower: torch.nn.Module, images: Sequence[str], loader: ImageLoader,
                                batch_size: int = 32, rank: int = 0, world_size: int = 1,
-                               device: Optional[torch.device] = None) -> dict:
+                               device: Optional[torch.device] = None, num_workers: int = 0) -> dict:
     """Token count per image with the tower in eval mode (deterministic, batch-independent). Each rank encodes
-    a strided shard; the shards are merged with all_gather_object. Unreadable images are left out."""
+    a strided shard, its images decoded by `num_workers` loader processes; the shards are merged with
+    all_gather_object. Unreadable images are left out."""
+    from torch.utils.data import DataLoader
+
     device = device or next(tower.parameters()).device
     dtype = next(tower.parameters()).dtype
     mine = sorted(set(images))[rank::world_size]
+    batches = DataLoader(_ImagesToCount(mine, loader), batch_size=batch_size, num_workers=num_workers,
+                         collate_fn=list)
     was_training = tower.training
     tower.eval()
     counts = {}
     try:
-        for s in tqdm(range(0, len(mine), batch_size), desc="visual tokens", disable=rank != 0, mininterval=2.0):
-            names, pix = [], []
-            for name in mine[s:s + batch_size]:
-                try:
-                    pix.append(loader(name))
-                    names.append(name)
-                except (OSError, ValueError, SyntaxError) as e:
-                    logger.warning("visual token count: cannot read %s: %s", loader.path(name), e)
-            if not names:
+        for batch in tqdm(batches, desc="visual tokens", disable=rank != 0, mininterval=2.0):
+            batch = [(name, pix) for name, pix in batch if pix is not None]
+            if not batch:
                 continue
-            _, mask = tower(torch.stack(pix).to(device=device, dtype=dtype))
-            counts.update(zip(names, mask.sum(dim=1).tolist()))
+            _, mask = tower(torch.stack([pix for _, pix in batch]).to(device=device, dtype=dtype))
+            counts.update(zip([name for name, _ in batch], mask.sum(dim=1).tolist()))
     finally:
         tower.train(was_training)
     if world_size > 1:
@@ -324,7 +341,7 @@ def load_or_compute_counts(cache_path: Optional[str], fingerprint: str, compute:
             cached = json.load(f)
         if cached.get("fingerprint") == fingerprint:
             return cached["counts"]
-        logger.info("visual token cache %s is for another tower; recomputing", cache_path)
+        logger.info("visual token cache %s is for another tower", cache_path)
     counts = compute()
     if cache_path and is_main:
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)

@@ -27,7 +27,7 @@ from drip_llava.model.llava_llama import DripLlavaConfig, DripLlavaForCausalLM
 from drip_llava.model.projector import build_projector
 from drip_llava.vision.hf_clip_import import (convert_clip_vision_state, drip_config_from_clip, is_hf_clip_folder,
                                               load_converted, load_folder_state, read_json, strip_vision_prefix,
-                                              vision_config_dict, vision_keys)
+                                              vision_config_dict, vision_keys, weight_files)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def detect_llava_layout(config: dict) -> Optional[str]:
 
 @dataclass
 class ConversionPlan:
+    kind: str  # LLAVA_HF | LLAVA_UPSTREAM
     config: DripLlavaConfig
     key_mapping: dict[str, str]
     vision_folder: Path  # where the CLIP vision weights are read
@@ -112,7 +113,7 @@ def plan_llava_hf(folder: Path) -> ConversionPlan:
     config = _drip_config(llama, vision, read_json(pre) if pre.is_file() else None, layer, "mlp2x_gelu",
                           source=str(folder), conv_mode=CONV_MODE, tie_word_embeddings=cfg.get(
                               "tie_word_embeddings", llama.get("tie_word_embeddings", False)))
-    return ConversionPlan(config, LLAVA_HF_KEY_MAPPING, folder, lambda k: bool(LLAVA_HF_VISION.match(k)),
+    return ConversionPlan(LLAVA_HF, config, LLAVA_HF_KEY_MAPPING, folder, lambda k: bool(LLAVA_HF_VISION.match(k)),
                           LLAVA_HF_VISION)
 
 
@@ -176,15 +177,13 @@ def plan_llava_upstream(folder: Path, vision_tower: Optional[str | Path] = None)
     has_own = any(LLAVA_UPSTREAM_VISION.match(k) for k in _weight_names(folder))
     notes = [f"vision tower weights from {'the checkpoint' if has_own else clip_dir}"]
     if has_own:
-        return ConversionPlan(config, LLAVA_UPSTREAM_KEY_MAPPING, folder,
+        return ConversionPlan(LLAVA_UPSTREAM, config, LLAVA_UPSTREAM_KEY_MAPPING, folder,
                               lambda k: bool(LLAVA_UPSTREAM_VISION.match(k)), LLAVA_UPSTREAM_VISION, notes)
-    return ConversionPlan(config, LLAVA_UPSTREAM_KEY_MAPPING, clip_dir, vision_keys(clip_cfg["model_type"]), None,
-                          notes)
+    return ConversionPlan(LLAVA_UPSTREAM, config, LLAVA_UPSTREAM_KEY_MAPPING, clip_dir,
+                          vision_keys(clip_cfg["model_type"]), None, notes)
 
 
 def _weight_names(folder: Path) -> list[str]:
-    from drip_llava.vision.hf_clip_import import weight_files
-
     index = [f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (folder / f).is_file()]
     if index:
         return list(read_json(folder / index[0])["weight_map"])
@@ -240,7 +239,7 @@ def load_llava(folder: str | Path, vision_tower: Optional[str | Path] = None,
              else strip_vision_prefix(state))
     tower = model.vision_tower.model
     fresh = load_converted(tower, convert_clip_vision_state(state), f"vision tower from {plan.vision_folder}")
-    notes = plan.notes + [f"converted from the {detect_llava_layout(read_json(folder / 'config.json'))} layout"]
+    notes = plan.notes + [f"converted from the {plan.kind} layout"]
     if fresh:
         notes.append(f"tower keys without CLIP weights (unused by LLaVA): {fresh}")
     return model, notes
@@ -249,13 +248,18 @@ def load_llava(folder: str | Path, vision_tower: Optional[str | Path] = None,
 def convert(src: str | Path, out: str | Path, vision_tower: Optional[str | Path] = None,
             dtype: torch.dtype = torch.float16) -> Path:
     """Write `src` (llava-hf or upstream LLaVA-1.5) as a "full" DripLlava folder: config.json (+ conv_mode),
-    model.safetensors, the tokenizer, and the CLIP preprocessing recorded in the tower config."""
+    model.safetensors, the tokenizer, and preprocessor_config.json (the image preprocessing `src` loads with)."""
     from transformers import AutoTokenizer
+
+    from drip_llava.data.image_processor import load_image_processor
 
     src, out = Path(src).expanduser(), Path(out)
     model, notes = load_llava(src, vision_tower, dtype=dtype)
+    processor, note = load_image_processor(src, model.config.vision_config, model.config)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(str(src)).save_pretrained(out)
+    processor.save_pretrained(out)
+    notes += [note] if note else []
     for note in notes:
         logger.info(note)
     return out

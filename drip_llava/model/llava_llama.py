@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrained
 
 from drip_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from drip_llava.model.projector import build_projector, load_projector_weights, save_projector
-from drip_llava.model.vision_tower import DripVisionTower, build_vision_tower, load_drip_model
+from drip_llava.model.vision_tower import DripVisionTower, load_drip_model
 
 
 @strict
@@ -53,6 +54,36 @@ def _zero3_gathered(params: list[nn.Parameter]):
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
     return contextlib.nullcontext()
+
+
+class LlavaVisionTower(DripVisionTower):
+    """The DripVisionTower that LLaVA runs: the same (features, mask), and on request DRIP's unweighted rate loss
+    of the batch (mean over its images), which a trained tower adds to the LLaVA loss."""
+
+    def forward(self, pixel_values: torch.Tensor, return_rate_loss: bool = False):
+        pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            out = self.model.forward_features(pixel_values, output_hidden_states=True)
+        n_cls = int(self.config.class_token)
+        feats = out.hidden_states[self.layer_index][:, n_cls:]
+        mask = out.hidden_masks[self.layer_index][:, n_cls:]
+        return (feats, mask, out.rate_loss) if return_rate_loss else (feats, mask)
+
+
+@dataclass
+class DripLlavaCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast + what the vision side did in this forward: `rate_loss` (DRIP's unweighted rate loss,
+    mean over this batch's images; only when the tower trains, else None), `num_images` and `visual_tokens`
+    (images encoded and tokens spliced in, a dummy image excluded). The trainer weights and adds the rate loss."""
+
+    rate_loss: torch.Tensor | None = None
+    num_images: int | None = None
+    visual_tokens: int | None = None
+
+
+def _partitioned(module: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions this module's weights (each forward then gathers them collectively)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 def _left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_id: int | None):
@@ -86,8 +117,9 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
         self.vision_tower: DripVisionTower | None = None
         self.mm_projector: nn.Module | None = None
         if config.vision_config is not None:
-            self.vision_tower = build_vision_tower(config.vision_config, config.mm_vision_select_layer,
-                                                   frozen=not config.unfreeze_mm_vision_tower)
+            self.vision_tower = LlavaVisionTower(load_drip_model(config.vision_config),
+                                                 config.mm_vision_select_layer,
+                                                 frozen=not config.unfreeze_mm_vision_tower)
             self.mm_projector = self._new_projector()
         self.post_init()
 
@@ -109,7 +141,7 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
         a stage-1 projector (`pretrain_mm_mlp_adapter`: mm_projector.safetensors / .bin / its folder) for
         stage 2. Records everything needed to rebuild them in self.config."""
         drip = load_drip_model(vision_tower_spec, **tower_overrides)
-        tower = DripVisionTower(drip, select_layer=select_layer, frozen=not unfreeze_vision_tower)
+        tower = LlavaVisionTower(drip, select_layer=select_layer, frozen=not unfreeze_vision_tower)
         ref = self.get_input_embeddings().weight
         device = ref.device if ref.device.type != "meta" else torch.device("cpu")
         # A frozen tower may follow the LLM's dtype; trainable weights stay fp32 (autocast handles compute).
@@ -155,28 +187,40 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
     # ------------------------------------------------------------------------------------ encoding
     def encode_images(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images [N,3,H,W] -> N tensors [n_i, hidden] (projected visual tokens, a different n_i per image)."""
+        return self._encode(images)[0]
+
+    def _tower_trains(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
+
+    def _encode(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """(projected tokens per image, the tower's rate loss when the tower trains, else None)."""
         if self.vision_tower is None:
             raise RuntimeError("this model has no vision tower; call initialize_vision_modules(...) first")
-        feats, mask = self.vision_tower(images)  # [N,S,D], [N,S]
+        feats, mask, rate = self.vision_tower(images, return_rate_loss=True)  # [N,S,D], [N,S], scalar
         proj_dtype = next(self.mm_projector.parameters(), feats).dtype
         tokens = self.mm_projector(feats.to(proj_dtype))  # [N,S,hidden]; per-token, so padding rows are inert
-        return [t[m] for t, m in zip(tokens, mask)]
+        return [t[m] for t, m in zip(tokens, mask)], (rate if self._tower_trains() else None)
 
-    def _graph_keeper(self, ref: torch.Tensor) -> torch.Tensor | None:
-        """0 * (a pass through the trainable vision modules) for batches without images, so every trainable
-        parameter gets a (zero) gradient: DDP and ZeRO hang or fail on parameters that skip a step."""
-        if not torch.is_grad_enabled():
-            return None
-        tower_trainable = any(p.requires_grad for p in self.vision_tower.parameters())
-        if tower_trainable:
-            s = self.vision_tower.config.image_size
-            dummy = torch.zeros(1, 3, s, s, device=ref.device)
-            return sum(t.sum() for t in self.encode_images(dummy)) * 0
-        params = [p for p in self.mm_projector.parameters() if p.requires_grad]
-        if not params:
-            return None
-        dummy = torch.zeros(1, self.vision_tower.hidden_size, device=ref.device, dtype=params[0].dtype)
-        return self.mm_projector(dummy).sum() * 0  # through the module (not p.sum()) so ZeRO-3 hooks gather
+    def _needs_vision_pass(self) -> bool:
+        """Whether a batch without images must still run the vision modules: in training with grad (every
+        trainable parameter gets a gradient, as DDP / ZeRO require) and whenever ZeRO-3 partitions the vision
+        weights (each forward of a partitioned module is a collective gather: a rank that skips the tower while
+        another encodes images issues different collectives, so gloo aborts and NCCL hangs)."""
+        if self.vision_tower is None:
+            return False
+        if self.training and torch.is_grad_enabled():
+            return True
+        return _partitioned(self.vision_tower) or _partitioned(self.mm_projector)
+
+    def _vision_keeper(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The whole tower + projector on one blank image, for batches without images (see _needs_vision_pass):
+        every rank runs the same modules in the same order every step. Returns (0 * the tokens' sum, 0 * the rate loss or None),
+        zero-weighted so the batch's result does not change while every vision parameter joins the graph."""
+        s = self.vision_tower.config.image_size
+        dummy = torch.zeros(1, 3, s, s, device=device)
+        tokens, rate = self._encode(dummy)
+        keeper = sum(t.float().sum() for t in tokens) * 0
+        return keeper, (rate * 0 if rate is not None else None)
 
     def prepare_inputs_labels_for_multimodal(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                                              labels: torch.Tensor | None = None, images: torch.Tensor | None = None,
@@ -186,6 +230,11 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
         side) is dropped first; `padding_side` is that of the output ("left" for generation).
         `images`: [B,3,H,W] aligned with the batch (rows of text-only samples are ignored), or only the
         images of the samples that have a placeholder, in batch order."""
+        return self._prepare_multimodal(input_ids, attention_mask, labels, images, padding_side)[:4]
+
+    def _prepare_multimodal(self, input_ids, attention_mask=None, labels=None, images=None, padding_side="right"):
+        """prepare_inputs_labels_for_multimodal + a dict of what the vision side did (rate_loss, num_images,
+        visual_tokens; see DripLlavaCausalLMOutput)."""
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         B = input_ids.shape[0]
@@ -203,6 +252,7 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
         n_img = int(has_image.sum())
 
         feats: list[torch.Tensor] = []
+        rate = keeper = None
         if n_img:
             if images is None:
                 raise ValueError(f"{n_img} samples hold an image placeholder but images=None")
@@ -213,7 +263,9 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
             elif images.shape[0] != n_img:
                 raise ValueError(f"got {images.shape[0]} images for a batch of {B} samples of which {n_img} hold a "
                                  "placeholder: pass one image per sample or one per placeholder")
-            feats = self.encode_images(images)
+            feats, rate = self._encode(images)
+        elif self._needs_vision_pass():  # before the embeddings, as with images: ZeRO-3 gathers in the same order
+            keeper, rate = self._vision_keeper(device)
 
         embed = self.get_input_embeddings()
         embeds = embed(input_ids.clamp(min=0))  # placeholder rows are replaced below
@@ -245,11 +297,10 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
             pos[i, sl] = torch.arange(n, device=device)
             if new_labels is not None:
                 new_labels[i, sl] = row_labels[i]
-        if n_img == 0 and self.vision_tower is not None:
-            keeper = self._graph_keeper(out)
-            if keeper is not None:
-                out = out + keeper.to(out.dtype)
-        return out, mask, pos, new_labels
+        if keeper is not None and keeper.requires_grad:  # without grad the pass is there for ZeRO-3's gathers only
+            out = out + keeper.to(out.dtype)
+        vision = {"rate_loss": rate, "num_images": n_img, "visual_tokens": sum(int(f.shape[0]) for f in feats)}
+        return out, mask, pos, new_labels, vision
 
     # ------------------------------------------------------------------------------------ forward / generate
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -259,23 +310,24 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
                 images: torch.Tensor | None = None, mm_padding_side: str = "right", **kwargs):
         """LlamaForCausalLM.forward plus `images` [B,3,H,W] (see prepare_inputs_labels_for_multimodal).
         Splicing happens on prompt passes (no cache yet); decoding steps with a cache are plain Llama steps."""
+        vision_info = None
         if inputs_embeds is None and input_ids is not None:
             decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
             has_ph = bool((input_ids == IMAGE_TOKEN_INDEX).any())
             if decoding and has_ph:
                 raise ValueError("image placeholders are only allowed in the prompt pass, not with a filled cache")
-            # Training batches always take the splice path (even text-only ones) so the graph keeper runs.
+            # Text-only batches take the splice path too when the vision modules must run (_needs_vision_pass).
             vision = self.vision_tower is not None
-            training = vision and self.training and torch.is_grad_enabled()
-            if not decoding and (has_ph or (vision and images is not None) or training):
-                inputs_embeds, attention_mask, position_ids, labels = self.prepare_inputs_labels_for_multimodal(
+            if not decoding and (has_ph or (vision and images is not None) or self._needs_vision_pass()):
+                inputs_embeds, attention_mask, position_ids, labels, vision_info = self._prepare_multimodal(
                     input_ids, attention_mask, labels, images, padding_side=mm_padding_side)
                 input_ids = None
         if labels is not None and self.training and torch.is_grad_enabled():
-            return self._supervised_loss_forward(input_ids=input_ids, attention_mask=attention_mask,
-                                                 position_ids=position_ids, past_key_values=past_key_values,
-                                                 inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                                                 **kwargs)
+            out = self._supervised_loss_forward(input_ids=input_ids, attention_mask=attention_mask,
+                                                position_ids=position_ids, past_key_values=past_key_values,
+                                                inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                                **kwargs)
+            return DripLlavaCausalLMOutput(**out, **(vision_info or {}))
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                                use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)

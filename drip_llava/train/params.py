@@ -22,8 +22,17 @@ class ModelArguments:
                                               "DripLlava folder to continue from"})
     version: str = field(default="v1", metadata={"help": "conversation template: plain (stage 1), v1/vicuna_v1, "
                                                  "llava_v1, chat_template (the tokenizer's own)"})
-    vision_tower: Optional[str] = field(default=None, metadata={"help": "DripVisionModel folder, preset name, or "
-                                                                "config JSON (None: the one in model_name_or_path)"})
+    vision_tower: Optional[str] = field(default=None, metadata={"help": "DripVisionModel folder (e.g. a CLIP run's "
+                                                                "RUN/vision_tower), open_clip:NAME:PRETRAINED, or a "
+                                                                "preset name (random weights: needs "
+                                                                "--allow_random_vision_tower); None: the one in "
+                                                                "model_name_or_path"})
+    allow_random_vision_tower: bool = field(default=False, metadata={
+        "help": "accept a --vision_tower with random weights (a preset name, open_clip:NAME without weights): "
+                "for tests and smoke runs; LLaVA trained on a random tower learns nothing from images"})
+    unfreeze_mm_vision_tower: bool = field(default=False, metadata={
+        "help": "stage 2: train the DRIP tower too (full and lora recipes); its rate loss, weighted by "
+                "--rate_loss_weight, is added to the loss and logged"})
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "tower block whose segment tokens are used"})
     mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear, mlpNx_gelu, identity"})
     pretrain_mm_mlp_adapter: Optional[str] = field(default=None, metadata={"help": "stage-1 mm_projector.safetensors"
@@ -38,6 +47,8 @@ class ModelArguments:
     mm_use_im_start_end: bool = field(default=False, metadata={"help": "unsupported (must stay False)"})
     mm_use_im_patch_token: bool = field(default=False, metadata={"help": "unsupported (must stay False)"})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "only 'patch' (CLS is dropped)"})
+    mm_patch_merge_type: str = field(default="flat", metadata={"help": "only 'flat' (LLaVA-1.5: the tokens in "
+                                                               "order); LLaVA-NeXT's spatial merges need AnyRes tiles"})
 
 
 @dataclass
@@ -51,8 +62,10 @@ class DataArguments:
                                                            "left without supervised tokens (False: raise)"})
     visual_token_count: str = field(default="auto", metadata={
         "help": "image token counts used for truncation and length grouping: 'exact' runs the tower once (eval "
-                "mode) over the data and caches the counts; 'max' uses the tower's maximum for truncation and "
-                "num_patches*target_rate for grouping; 'auto' = exact when --group_by_modality_length, else max"})
+                "mode, sharded over ranks, images decoded by --dataloader_num_workers processes) over the data "
+                "and caches the counts; 'max' uses the tower's maximum for truncation and num_patches*target_rate "
+                "for grouping, with no pass over the images; 'auto' = the cached exact counts when the cache "
+                "matches this tower, else 'max'"})
     visual_token_cache: Optional[str] = field(default=None, metadata={
         "help": "JSON cache of the exact counts (default OUTPUT_DIR/visual_token_counts.json)"})
 
@@ -76,6 +89,9 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_bias: str = field(default="none", metadata={"help": "none, all, lora_only"})
     mm_projector_lr: Optional[float] = field(default=None, metadata={"help": "projector learning rate (own "
                                                                      "optimizer group); default --learning_rate"})
+    rate_loss_weight: Optional[float] = field(default=None, metadata={
+        "help": "with --unfreeze_mm_vision_tower: weight of DRIP's rate loss (default: the tower config's "
+                "rate_loss_weight)"})
     group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality and similar "
                                                                     "length (with real visual token counts)"})
     keep_data_order: bool = field(default=False, metadata={"help": "train in the JSON's order instead of shuffled "
@@ -118,7 +134,62 @@ def resolve_recipe(model_args: ModelArguments, training_args: TrainingArguments)
     return name
 
 
+def random_vision_tower(spec: Optional[str]) -> Optional[str]:
+    """Why `spec` builds a tower with random weights (a sentence), or None when it loads trained weights (a folder,
+    open_clip:NAME:PRETRAINED) or names no tower. Decided from what the spec is, as load_drip_model reads it."""
+    if spec is None or os.path.isdir(os.path.expanduser(str(spec))):
+        return None
+    from ..model.vision_tower import OPEN_CLIP_PREFIX
+    from ..vision import list_presets
+
+    text = str(spec)
+    if text.startswith(OPEN_CLIP_PREFIX):
+        if text[len(OPEN_CLIP_PREFIX):].partition(":")[2]:
+            return None
+        return f"{text} names an open_clip architecture without pretrained weights (add :PRETRAINED): random weights"
+    if text in list_presets():
+        return f"{text} is a preset name: it builds a tower with random weights"
+    return None  # not a tower spec at all: load_drip_model says so
+
+
+def check_report_to(training_args) -> None:
+    """Integrations in --report_to whose package is missing: one message naming it (the Trainer would fail later
+    with a less direct one)."""
+    import importlib.util
+
+    wanted = training_args.report_to or []
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    packages = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                "clearml": "clearml", "neptune": "neptune", "swanlab": "swanlab", "trackio": "trackio"}
+    missing = [w for w in wanted if w in packages and importlib.util.find_spec(packages[w]) is None]
+    if missing:
+        names = " ".join(packages[m] for m in missing)
+        raise ValueError(f"--report_to {','.join(missing)} needs the optional package(s) {names}, which are not "
+                         f"installed: `pip install {names}`, or --report_to none (metrics always go to "
+                         f"OUTPUT_DIR/{training_args.metrics_file})")
+
+
+def deepspeed_zero_stage(training_args) -> Optional[int]:
+    """The ZeRO stage of --deepspeed (a JSON path or dict), or None without DeepSpeed."""
+    cfg = training_args.deepspeed
+    if not cfg:
+        return None
+    if not isinstance(cfg, dict):
+        with open(cfg, encoding="utf-8") as f:
+            cfg = json.load(f)
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
 def validate(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
+    if model_args.mm_patch_merge_type != "flat":
+        raise ValueError(f"--mm_patch_merge_type {model_args.mm_patch_merge_type!r}: only 'flat' is supported (one "
+                         "image, its tokens in order, as LLaVA-1.5); spatial merges need LLaVA-NeXT's AnyRes tiles")
+    reason = random_vision_tower(model_args.vision_tower)
+    if reason and not model_args.allow_random_vision_tower:
+        raise ValueError(f"--vision_tower {reason}; LLaVA trained on it learns nothing from the images. Pass a "
+                         "trained tower (a DripVisionModel folder such as a CLIP run's RUN/vision_tower, or "
+                         "open_clip:NAME:PRETRAINED), or add --allow_random_vision_tower True to train on random "
+                         "weights on purpose")
     if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
         raise ValueError("--mm_use_im_start_end / --mm_use_im_patch_token are not supported: DRIP gives a "
                          "variable number of image tokens spliced at one placeholder")
@@ -134,7 +205,16 @@ def validate(model_args: ModelArguments, data_args: DataArguments, training_args
         raise ValueError(f"--lora_bias {training_args.lora_bias!r}; valid: none, all, lora_only")
     if model_args.pretrain_mm_mlp_adapter and not os.path.exists(model_args.pretrain_mm_mlp_adapter):
         raise FileNotFoundError(f"--pretrain_mm_mlp_adapter {model_args.pretrain_mm_mlp_adapter} does not exist")
-    resolve_recipe(model_args, training_args)
+    recipe = resolve_recipe(model_args, training_args)
+    if recipe == "qlora" and deepspeed_zero_stage(training_args) == 3:
+        raise ValueError(f"--bits {training_args.bits} (QLoRA) under ZeRO-3 ({training_args.deepspeed}) is not "
+                         "supported: ZeRO-3 partitions every weight, and bitsandbytes' quantized weights load "
+                         "whole on each device (device_map). Use scripts/zero2.json (finetune_lora.sh's default "
+                         "for BITS=4/8): the 4-bit LLM fits on each GPU, ZeRO-2 shards the LoRA optimizer state")
+    if model_args.unfreeze_mm_vision_tower and recipe == "stage1":
+        raise ValueError("--unfreeze_mm_vision_tower: stage 1 trains the projector only; train the tower in stage 2 "
+                         "(full, lora or qlora recipe)")
+    check_report_to(training_args)
 
 
 def parse_args(argv=None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:

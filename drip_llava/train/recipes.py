@@ -2,9 +2,11 @@
 
   stage1  projector only (LLaVA stage 1): LLM and tower frozen; writes mm_projector.safetensors + config.json
           + vision_tower/ (so `load_pretrained_model(OUT, model_base=LLM)` works).
-  full    LLM + projector trained, tower frozen; the Trainer writes the whole model (config + safetensors).
+  full    LLM + projector trained; the Trainer writes the whole model (config + safetensors).
   lora    LoRA on the LLM's linear layers, projector trained at --mm_projector_lr; writes the peft adapter +
           non_lora_trainables.safetensors + config.json + vision_tower/, at the end AND in every checkpoint-N.
+  The tower is frozen unless --unfreeze_mm_vision_tower (full / lora / qlora): then all of it trains (at
+  --learning_rate), its weights are saved (vision_tower/, and the full model), and DRIP's rate loss joins the loss.
   qlora   lora on a 4/8-bit LLM (bitsandbytes); the projector and the tower stay out of quantization.
 
 Under ZeRO-3 every parameter is partitioned (an empty tensor on each rank), so the saved weights are gathered
@@ -147,12 +149,16 @@ class Recipe:
         if m.vision_tower is not None:
             model.initialize_vision_modules(m.vision_tower, projector_type=m.mm_projector_type,
                                             select_layer=m.mm_vision_select_layer,
-                                            pretrain_mm_mlp_adapter=m.pretrain_mm_mlp_adapter)
+                                            pretrain_mm_mlp_adapter=m.pretrain_mm_mlp_adapter,
+                                            unfreeze_vision_tower=m.unfreeze_mm_vision_tower)
         elif model.get_vision_tower() is None:
             raise ValueError(f"{m.model_name_or_path} has no vision tower: pass --vision_tower (a DripVisionModel "
                              "folder or preset)")
-        elif m.pretrain_mm_mlp_adapter:
-            model.load_mm_projector(m.pretrain_mm_mlp_adapter)
+        else:
+            if m.pretrain_mm_mlp_adapter:
+                model.load_mm_projector(m.pretrain_mm_mlp_adapter)
+            model.get_vision_tower().set_frozen(not m.unfreeze_mm_vision_tower)  # this run's flag, not the saved one
+            model.config.unfreeze_mm_vision_tower = m.unfreeze_mm_vision_tower
         if m.pretrain_mm_mlp_adapter:
             check_stage1_tower(model.config, m.pretrain_mm_mlp_adapter)
         return model
@@ -185,6 +191,12 @@ class Recipe:
 
     def _set_projector_trainable(self, model: nn.Module) -> None:
         unwrap(model).mm_projector.requires_grad_(not self.args.freeze_mm_mlp_adapter)
+
+    @staticmethod
+    def _set_tower_trainable(model: nn.Module) -> None:
+        """All of the tower trains when it was built unfrozen (--unfreeze_mm_vision_tower), none of it otherwise."""
+        tower = unwrap(model).get_vision_tower()
+        tower.requires_grad_(not tower.frozen)
 
     # ---- saving ----------------------------------------------------------------------------------------
     def save(self, model: nn.Module, out_dir: str, is_main: bool, final: bool) -> None:
@@ -241,7 +253,8 @@ class Stage1Recipe(Recipe):
 
 @register_recipe("full")
 class FullRecipe(Recipe):
-    """LLM + projector trained (tower frozen); --freeze_backbone keeps the LLM frozen."""
+    """LLM + projector trained (+ the tower with --unfreeze_mm_vision_tower); --freeze_backbone keeps the LLM
+    frozen."""
 
     def from_pretrained_kwargs(self):
         """Trained weights stay fp32 under autocast without DeepSpeed (fp16/bf16 weights updated by AdamW lose
@@ -253,8 +266,7 @@ class FullRecipe(Recipe):
 
     def configure(self, model):
         model.requires_grad_(not self.model_args.freeze_backbone)
-        tower = unwrap(model).get_vision_tower()
-        tower.requires_grad_(not tower.frozen)
+        self._set_tower_trainable(model)
         self._set_projector_trainable(model)
         if self.model_args.freeze_backbone:
             self._enable_input_grads(model)
@@ -282,7 +294,8 @@ def lora_target_regex(model: DripLlavaForCausalLM) -> str:
 
 @register_recipe("lora")
 class LoraRecipe(Recipe):
-    """LoRA adapters on the LLM + the projector at its own lr; the tower stays frozen."""
+    """LoRA adapters on the LLM + the projector at its own lr; the tower frozen unless --unfreeze_mm_vision_tower
+    (then its weights are among the non-LoRA trainables and in vision_tower/)."""
 
     saves_full_model = False
 
@@ -303,6 +316,7 @@ class LoraRecipe(Recipe):
         else:
             model = get_peft_model(model, self.lora_config(model))
         self._set_projector_trainable(model)
+        self._set_tower_trainable(model)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
         logger.info("LoRA: %d trainable of %d parameters (%.2f%%)", n_train, n_all, 100 * n_train / max(n_all, 1))

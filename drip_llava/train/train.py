@@ -76,13 +76,24 @@ def load_tokenizer(model_args, training_args):
 
 
 def visual_token_counts(tower, loader: ImageLoader, records: list, data_args, training_args) -> Optional[dict]:
-    """Exact per-image token counts (tower in eval mode, computed once, cached) or None ('max' mode)."""
+    """Exact per-image token counts or None (the estimate: the tower's maximum for truncation and
+    num_patches * target_rate for grouping). 'exact' computes them once (tower in eval mode, sharded over the
+    ranks, images decoded by the loader workers) and caches them; 'auto' reads the cache when it matches this
+    tower and never runs the pass (for mix665k it would take the tower over 624K images before step 1)."""
     mode = data_args.visual_token_count
-    if mode == "max" or (mode == "auto" and not training_args.group_by_modality_length):
+    if mode == "max":
         return None
     images = [r["image"] for r in records if r.get("image") is not None]
     cache = data_args.visual_token_cache or os.path.join(training_args.output_dir, "visual_token_counts.json")
     fp = tower_fingerprint(tower.config.to_dict(), tower.select_layer, data_args.image_aspect_ratio)
+    if mode == "auto":
+        counts = load_or_compute_counts(cache, fp, lambda: None, is_main=False)
+        if counts is None or not set(images) <= set(counts):
+            logger.info("visual tokens: estimated (num_patches * target_rate for grouping, the maximum for "
+                        "truncation); --visual_token_count exact counts them once and caches them in %s", cache)
+            return None
+        logger.info("visual tokens: exact counts from %s", cache)
+        return counts
     params = list(tower.parameters())
     partitioned = any(hasattr(p, "ds_id") for p in params)
     device = training_args.device if not partitioned else None
@@ -94,7 +105,7 @@ def visual_token_counts(tower, loader: ImageLoader, records: list, data_args, tr
             return compute_image_token_counts(
                 tower, images, loader, batch_size=max(training_args.per_device_train_batch_size, 8),
                 rank=training_args.process_index, world_size=training_args.world_size,
-                device=device or torch.device("cpu"))
+                device=device or torch.device("cpu"), num_workers=training_args.dataloader_num_workers)
 
     counts = load_or_compute_counts(cache, fp, compute, is_main=training_args.should_save)
     if counts:
@@ -136,6 +147,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     trainer = DripLlavaTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, recipe=recipe,
+        rate_loss_weight=training_args.rate_loss_weight,
         data_collator=DataCollatorForSupervisedDataset(pad_token_id=tokenizer.pad_token_id),
         callbacks=[MetricsJsonlCallback(os.path.join(training_args.output_dir, training_args.metrics_file)),
                    RecipeCheckpointCallback(recipe)])

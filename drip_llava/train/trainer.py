@@ -1,6 +1,6 @@
 """The HF Trainer subclass for both stages: modality/length-grouped sampling with real visual token counts, the
-projector's own learning rate, token throughput, stage-1 checkpoints without the frozen LLM, and callbacks for the
-JSONL log and the recipe's checkpoint files."""
+projector's own learning rate, DRIP's rate loss when the tower trains, token throughput, stage-1 checkpoints without
+the frozen LLM, and callbacks for the JSONL log and the recipe's checkpoint files."""
 from __future__ import annotations
 
 import json
@@ -17,8 +17,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from ..constants import IGNORE_INDEX
-from ..model.vision_tower import DripVisionTower
+from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -54,23 +53,39 @@ class ModalityLengthGroupedSampler(Sampler):
 
 
 class DripLlavaTrainer(Trainer):
-    """`recipe` knows the projector's parameters (own lr group) and what to save; see recipes.py."""
+    """`recipe` knows the projector's parameters (own lr group) and what to save; see recipes.py.
 
-    def __init__(self, *args, recipe=None, **kwargs):
+    With a trained DRIP tower the loss is LLaVA's plus `rate_loss_weight` x DRIP's rate loss (the mean over the
+    images of the optimizer step, on every rank and micro-batch: the same update with or without gradient
+    accumulation), and the log gets `rate_loss` (unweighted)."""
+
+    def __init__(self, *args, recipe=None, rate_loss_weight: Optional[float] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
-        self._tokens = torch.zeros(2, dtype=torch.float64)  # [text tokens, supervised tokens] since the last log
+        self.rate_loss_weight = rate_loss_weight
+        # [text + visual tokens, supervised tokens, rate loss x images, images] since the last log
+        self._tokens = torch.zeros(4, dtype=torch.float64)
+        self._images_in_step: Optional[float] = None  # images in the current optimizer step, over all ranks
         self._last_log_time: Optional[float] = None
         self._in_checkpoint = False  # save_model is inside _save_checkpoint (see trainable-only checkpoints)
-        # visual tokens per batch are only known after the tower ran: count them with a hook (the placeholder
-        # the tokens replace was already counted in attention_mask)
-        for mod in self.model.modules():
-            if isinstance(mod, DripVisionTower):
-                mod.register_forward_hook(self._count_visual_tokens)
 
-    def _count_visual_tokens(self, module, inputs, output):
-        mask = output[1]
-        self._tokens[0] += float(mask.sum()) - mask.shape[0]
+    # ---- rate loss -------------------------------------------------------------------------------
+    def _tower_trains(self) -> bool:
+        tower = self.recipe.vision_tower(self.model) if self.recipe is not None else None
+        return tower is not None and any(p.requires_grad for p in tower.parameters())
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Also counts the images of the optimizer step over all ranks: the rate loss is averaged over them, as
+        the LM loss is over the step's supervised tokens (num_items_in_batch)."""
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._tower_trains():
+            n = torch.tensor([float(sum(int((b["input_ids"] == IMAGE_TOKEN_INDEX).any(dim=1).sum())
+                                        for b in batch_samples))], dtype=torch.float64)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                n = n.to(self.args.device)
+                torch.distributed.all_reduce(n)
+            self._images_in_step = float(n.item())
+        return batch_samples, num_items
 
     # ---- data ------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -125,8 +140,31 @@ class DripLlavaTrainer(Trainer):
             self._tokens[0] += float(mask.sum())
         if labels is not None:
             self._tokens[1] += float((labels[:, 1:] != IGNORE_INDEX).sum())
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if isinstance(outputs, dict):
+            # the spliced visual tokens replace one placeholder each, which attention_mask already counted
+            self._tokens[0] += float(outputs.get("visual_tokens", 0) or 0) - float(outputs.get("num_images", 0) or 0)
+            rate = outputs.get("rate_loss")
+            if rate is not None and model.training:
+                loss = loss + self._weighted_rate_loss(rate, int(outputs.get("num_images", 0) or 0), num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _weighted_rate_loss(self, rate: torch.Tensor, n_images: int, num_items_in_batch) -> torch.Tensor:
+        """weight x (this micro-batch's rate loss summed over its images) / (images in the optimizer step over all
+        ranks), scaled as the Trainer scales the LM loss: x ranks (their gradients are averaged) and, when the
+        Trainer divides the loss by the accumulation steps itself (no num_items_in_batch), x those steps."""
+        weight = self.rate_loss_weight
+        if weight is None:
+            weight = float(self.recipe.vision_tower(self.model).config.rate_loss_weight)
+        self._tokens[2] += float(rate.detach()) * n_images
+        self._tokens[3] += n_images
+        total = self._images_in_step
+        if not n_images or not total or not weight:
+            return rate * 0  # keeps the tower's graph identical on every rank
+        scale = self.accelerator.num_processes
+        if not (self.model_accepts_loss_kwargs and num_items_in_batch is not None):
+            scale *= self.current_gradient_accumulation_steps
+        return rate * (weight * n_images * scale / total)
 
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
         """Training logs get tokens/s summed over ranks (every rank reaches a step log, so the reduce is safe)."""
@@ -141,6 +179,8 @@ class DripLlavaTrainer(Trainer):
                 dt = max(now - self._last_log_time, 1e-9)
                 logs["tokens_per_s"] = round(float(tokens[0]) / dt, 2)
                 logs["supervised_tokens_per_s"] = round(float(tokens[1]) / dt, 2)
+            if float(tokens[3]) > 0:  # a trained DRIP tower: its rate loss, unweighted, mean over the images
+                logs["rate_loss"] = round(float(tokens[2] / tokens[3]), 6)
             self._last_log_time = now
             self._tokens.zero_()
             ds = self.train_dataset
