@@ -243,6 +243,26 @@ def test_scienceqa(data, records):
         assert len(p["hint"]) > 20 and p["question"].startswith("Based on the context")
 
 
+def test_scienceqa_readable_mix_weights_question_types():
+    """The "readable" mix puts ~70% of image problems on colour and ~10% on shape; uniform stays ~3/8 colour."""
+    recs = [{"index": i, **sw.sample_scene(sw.item_rng(0, "val", i))} for i in range(600)]
+    share = {}
+    for mix in ("uniform", "readable"):
+        problems, _ = sq.scienceqa_problems(recs, 0, sw.sqa_pid, mix=mix)
+        types = [sq.SQA_SKILL_TYPE[p["skill"]] for p in problems.values() if p["image"]]
+        assert len(types) == 600 and set(types) == set(sq.SQA_ATTRIBUTE)  # every type is asked
+        assert {sq.SQA_SKILL_TYPE[p["skill"]] for p in problems.values() if not p["image"]} == {"text_only"}
+        attrs = collections.Counter(sq.SQA_ATTRIBUTE[t] for t in types)
+        share[mix] = {a: n / len(types) for a, n in attrs.items()}
+        for pid, p in problems.items():  # answers stay exact whatever the mix
+            if p["image"] and sq.SQA_SKILL_TYPE[p["skill"]] == "colour_largest":
+                assert p["choices"][p["answer"]] == recs[int(pid) - 1]["objects"][0]["colour"]
+    assert 0.64 <= share["readable"]["colour"] <= 0.76 and 0.05 <= share["readable"]["shape"] <= 0.15
+    assert 0.3 <= share["uniform"]["colour"] <= 0.45 and share["uniform"]["shape"] >= 0.3
+    with pytest.raises(ValueError, match="mix"):
+        sq.scienceqa_problems(recs[:5], 0, sw.sqa_pid, mix="colour")
+
+
 def test_llavabench(data):
     out, _ = data
     lb = out / "llavabench"
@@ -267,6 +287,7 @@ def test_cli_idempotent_and_overwrite(tmp_path, capsys):
     meta = sw.main(args)
     assert not meta["reused"] and len(list(out.glob("train-*.tar"))) == 3
     assert json.loads((out / "meta.json").read_text())["args"]["n_train"] == 12
+    assert meta["args"]["sqa_mix"] == "uniform" and 'question-type mix\n  "uniform"' in (out / "README.md").read_text()
     assert "README" not in meta and (out / "README.md").read_text().startswith("# Shapes world")
     mtime = (out / "train-000000.tar").stat().st_mtime_ns
     capsys.readouterr()

@@ -330,10 +330,11 @@ def sqa_pid(val_index: int) -> str:
     return str(val_index + 1)
 
 
-def _gen_args(n_train, n_val, image_size, seed, shard_size, jpeg_quality, n_sqa, n_bench_images, n_warmup) -> dict:
+def _gen_args(n_train, n_val, image_size, seed, shard_size, jpeg_quality, n_sqa, n_bench_images, n_warmup,
+              sqa_mix) -> dict:
     return {"format_version": FORMAT_VERSION, "n_train": n_train, "n_val": n_val, "image_size": image_size,
             "seed": seed, "shard_size": shard_size, "jpeg_quality": jpeg_quality, "n_sqa": n_sqa,
-            "n_bench_images": n_bench_images, "n_warmup": n_warmup}
+            "n_bench_images": n_bench_images, "n_warmup": n_warmup, "sqa_mix": sqa_mix}
 
 
 def _clean_outputs(out: Path) -> None:
@@ -350,7 +351,7 @@ def _clean_outputs(out: Path) -> None:
 
 def generate(out_dir, n_train: int, n_val: int, image_size: int = 128, seed: int = 0, shard_size: int = 1000,
              workers: int = 2, jpeg_quality: int = 90, n_sqa: int | None = None, n_bench_images: int = 20,
-             n_warmup: int = 0, overwrite: bool = False, progress: bool = True) -> dict:
+             n_warmup: int = 0, sqa_mix: str = "uniform", overwrite: bool = False, progress: bool = True) -> dict:
     """Write the whole shapes world into `out_dir` and return its meta (also in out_dir/meta.json).
 
     If out_dir/meta.json records the same generation arguments, nothing is rewritten and the stored
@@ -359,6 +360,7 @@ def generate(out_dir, n_train: int, n_val: int, image_size: int = 128, seed: int
     `n_bench_images`: val images used for LLaVA-Bench (3 questions each).
     `n_warmup`: colour-only conversations on the first n_warmup train images, put first in instruct.json (the
     mix after them is shuffled): trained in file order (--keep_data_order) they are a reading warm-up.
+    `sqa_mix`: the question-type mix of the ScienceQA image questions (synthetic_questions.SQA_MIXES).
     """
     from tqdm import tqdm
 
@@ -372,7 +374,10 @@ def generate(out_dir, n_train: int, n_val: int, image_size: int = 128, seed: int
     n_bench_images = min(n_bench_images, n_val)
     out = Path(out_dir)
     n_warmup = min(n_warmup, n_train)
-    args = _gen_args(n_train, n_val, image_size, seed, shard_size, jpeg_quality, n_sqa, n_bench_images, n_warmup)
+    if sqa_mix not in sq.SQA_MIXES:
+        raise ValueError(f"unknown sqa_mix {sqa_mix!r}; one of {sorted(sq.SQA_MIXES)}")
+    args = _gen_args(n_train, n_val, image_size, seed, shard_size, jpeg_quality, n_sqa, n_bench_images, n_warmup,
+                     sqa_mix)
     meta_path = out / "meta.json"
     if meta_path.exists() and not overwrite:
         old = json.loads(meta_path.read_text())
@@ -423,7 +428,7 @@ def generate(out_dir, n_train: int, n_val: int, image_size: int = 128, seed: int
     (llava / "val_instruct.json").write_text(json.dumps(sq.instruct_records(val, seed, text_only_frac=0.0), indent=1))
     val_questions = sq.short_answer_questions(val, seed)
     _write_jsonl(llava / "val_questions.jsonl", val_questions)
-    problems, pid_splits = sq.scienceqa_problems(val[:n_sqa], seed, sqa_pid)
+    problems, pid_splits = sq.scienceqa_problems(val[:n_sqa], seed, sqa_pid, mix=sqa_mix)
     (out / "scienceqa" / "images" / "test").mkdir(parents=True, exist_ok=True)
     (out / "scienceqa" / "problems.json").write_text(json.dumps(problems, indent=1))
     (out / "scienceqa" / "pid_splits.json").write_text(json.dumps(pid_splits, indent=1))
@@ -476,6 +481,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-bench-images", type=int, default=20, help="val images for LLaVA-Bench (3 questions each)")
     p.add_argument("--n-warmup", type=int, default=0, help="colour-only stage-2 conversations first in instruct.json "
                                                            "(a reading warm-up when trained in order)")
+    p.add_argument("--sqa-mix", default="uniform", choices=("uniform", "readable"),
+                   help="question types of the ScienceQA image problems: each equally likely, or weighted toward "
+                        "what a tower reads after minutes of CLIP (70%% colour; synthetic_questions.SQA_MIXES)")
     p.add_argument("--overwrite", action="store_true", help="regenerate even if DIR/meta.json exists")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -485,7 +493,7 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     meta = generate(a.out, a.n_train, a.n_val, image_size=a.image_size, seed=a.seed, shard_size=a.shard_size,
                     workers=a.workers, jpeg_quality=a.jpeg_quality, n_sqa=a.n_sqa,
-                    n_bench_images=a.n_bench_images, n_warmup=a.n_warmup, overwrite=a.overwrite,
+                    n_bench_images=a.n_bench_images, n_warmup=a.n_warmup, sqa_mix=a.sqa_mix, overwrite=a.overwrite,
                     progress=not a.no_progress)
     c = meta["counts"]
     if meta["reused"]:

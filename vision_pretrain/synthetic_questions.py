@@ -254,11 +254,36 @@ SQA_TOPIC = {
     "position_of": ("positions", "Spatial relations", "Locate a shape"),
     "colour_of_shape": ("colours", "Identify colours", "Identify the colour of a shape"),
 }
+TEXT_SKILL = "Answer from a written description"  # the skill of the text-only problems (no image)
+SQA_SKILL_TYPE = {skill: t for t, (_, _, skill) in SQA_TOPIC.items()} | {TEXT_SKILL: "text_only"}
+# What each ScienceQA-format question type needs from the image, as vision_pretrain.attribute_probe names the
+# attributes: a type is answerable from the image only if the tower's tokens encode its attribute.
+SQA_ATTRIBUTE = {"colour_largest": "colour", "colour_at": "colour", "colour_of_shape": "colour", "count": "count",
+                 "position_of": "cell", "shape_largest": "shape", "class_largest": "shape", "shape_at": "shape"}
+# Question-type mixes of the ScienceQA-format problems (weights over SQA_QUESTIONS; None: each applicable type
+# equally likely). "readable" weights the attributes a tower learns in a few CPU minutes of CLIP: colour 70%
+# (the attribute probes read it at ~5x chance), count and position 10% each (near chance), shape 10% (at chance:
+# a control that should not move). It buys a with-image vs blank test its power at the demo's problem count.
+SQA_MIXES = {
+    "uniform": None,
+    "readable": {"colour_largest": 0.35, "colour_at": 0.175, "colour_of_shape": 0.175, "count": 0.10,
+                 "position_of": 0.10, "shape_largest": 0.10 / 3, "class_largest": 0.10 / 3, "shape_at": 0.10 / 3},
+}
 
 
-def _ask(gens, scene, rng, exclude=()):
+def _ask(gens, scene, rng, exclude=(), weights: dict | None = None):
+    """The first applicable question of the generators in a random order: uniform, or drawn by `weights` (question
+    type -> weight, without replacement), so a type that does not apply to the scene passes to the next draw."""
     gens = [g for g in gens if g.__name__ not in exclude]
-    rng.shuffle(gens)
+    if weights is None:
+        rng.shuffle(gens)
+    else:
+        pool, order = [g for g in gens if weights.get(g.__name__[3:], 0) > 0], []
+        while pool:
+            g = rng.choices(pool, [weights[h.__name__[3:]] for h in pool])[0]
+            order.append(g)
+            pool.remove(g)
+        gens = order
     for g in gens:
         item = g(scene, rng)
         if item is not None:
@@ -400,22 +425,24 @@ def short_answer_questions(records: list[dict], seed: int) -> list[dict]:
 def _sqa_problem(item: dict, hint: str, image: str | None) -> dict:
     topic, category, skill = SQA_TOPIC.get(item["type"], ("shapes", "Identify shapes", item["type"]))
     if image is None:
-        topic, category, skill = "reading", "Use context clues", "Answer from a written description"
+        topic, category, skill = "reading", "Use context clues", TEXT_SKILL
     return {"question": item["q"], "choices": None, "answer": None, "hint": hint, "image": image,
             "task": "closed choice", "grade": "grade1", "subject": "natural science", "topic": topic,
             "category": category, "skill": skill, "lecture": "", "solution": "", "split": "test",
             "_item": item}
 
 
-def scienceqa_problems(records: list[dict], seed: int, pid_of) -> tuple[dict, dict]:
-    """ScienceQA problems.json / pid_splits.json: one image question per record (pid_of(index)) and
-    ~10% text-only questions answered from the hint. Answer slots are exactly balanced per number
-    of choices, so always answering "A" scores at chance."""
+def scienceqa_problems(records: list[dict], seed: int, pid_of, mix: str = "uniform") -> tuple[dict, dict]:
+    """ScienceQA problems.json / pid_splits.json: one image question per record (pid_of(index)), its type drawn
+    by the SQA_MIXES entry `mix`, and ~10% text-only questions answered from the hint. Answer slots are exactly
+    balanced per number of choices, so always answering "A" scores at chance."""
+    if mix not in SQA_MIXES:
+        raise ValueError(f"unknown question mix {mix!r}; one of {sorted(SQA_MIXES)}")
     problems: dict[str, dict] = {}
     n_choices: dict[str, int] = {}
     for rec in records:
         rng = item_rng(seed, "val", rec["index"], "sqa")
-        item, _ = _ask(SQA_QUESTIONS, rec, rng)
+        item, _ = _ask(SQA_QUESTIONS, rec, rng, weights=SQA_MIXES[mix])
         pid = pid_of(rec["index"])
         problems[pid] = _sqa_problem(item, "", "image.png")
         n_choices[pid] = min(rng.randint(2, 5), len(item["pool"]) + 1)
@@ -547,7 +574,8 @@ Files (all written from the same scene descriptions):
 - `llava/val_questions.jsonl`: held-out short-answer questions on the val split with the exact `answer`
   ({c['llava_val_questions']}).
 - `scienceqa/problems.json`, `pid_splits.json`, `images/test/<pid>/image.png`: ScienceQA format from the
-  val split ({c['scienceqa']} problems, {c['scienceqa_with_image']} with an image).
+  val split ({c['scienceqa']} problems, {c['scienceqa_with_image']} with an image; question-type mix
+  "{a.get('sqa_mix', 'uniform')}", see `synthetic_questions.SQA_MIXES`).
 - `llavabench/questions.jsonl`, `answers_gpt4.jsonl`, `context.jsonl`, `rule.json`, `images/`: LLaVA-Bench
   format ({c['llavabench_questions']} questions).
 
