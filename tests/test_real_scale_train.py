@@ -190,6 +190,45 @@ def test_zero3_lora_ranks_with_and_without_images_finish_and_save(tiny_llm_dir, 
     assert nl and all(v.numel() > 0 for v in nl.values())
 
 
+ZERO3_EVAL = """
+import sys, torch, deepspeed
+from transformers.integrations import HfDeepSpeedConfig
+from drip_llava.model import DripLlavaForCausalLM
+llm, tower = [a for a in sys.argv[1:] if not a.startswith("--")]
+deepspeed.init_distributed(dist_backend="gloo")
+rank = torch.distributed.get_rank()
+cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+       "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "zero_force_ds_cpu_optimizer": False}
+keep = HfDeepSpeedConfig(cfg)  # from_pretrained partitions the LLM under zero.Init while this lives
+m = DripLlavaForCausalLM.from_pretrained(llm)
+m.initialize_vision_modules(tower)
+engine, *_ = deepspeed.initialize(model=m, model_parameters=[p for p in m.parameters() if p.requires_grad], config=cfg)
+assert all(p.numel() == 0 for p in m.vision_tower.parameters()), "tower not partitioned"
+engine.eval()
+s = m.vision_tower.config.image_size
+image = torch.rand(1, 3, s, s) if rank == 0 else None
+ids = torch.tensor([[5, -200, 7, 8]]) if rank == 0 else torch.tensor([[5, 6, 7, 8]])
+with torch.no_grad():
+    out = engine(input_ids=ids, images=image)
+    gen = m.generate(ids, images=image, max_new_tokens=3, min_new_tokens=3, do_sample=False, synced_gpus=True)
+print(f"rank {rank}: logits {tuple(out.logits.shape)}, generated {gen.shape[1]}", flush=True)
+torch.distributed.barrier()
+"""
+
+
+@pytest.mark.slow
+def test_zero3_no_grad_forward_and_generate_with_an_image_on_one_rank_only(tiny_llm_dir, tiny_drip_dir, tmp_path):
+    """Eval under ZeRO-3 (no grad): rank 0 encodes an image, rank 1 has text only; rank 1 still runs the
+    partitioned tower (its gathers are collectives), for a forward and for generate."""
+    script = tmp_path / "zero3_eval.py"
+    script.write_text(ZERO3_EVAL)
+    log = tmp_path / "eval.log"
+    run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(script), str(tiny_llm_dir),
+         str(tiny_drip_dir)], ds_env(OMP_NUM_THREADS=1), tmp_path, log)
+    text = log.read_text()
+    assert "rank 0: logits (1, " in text and "rank 1: logits (1, 4, " in text and "generated 3" in text, text[-3000:]
+
+
 def saturated_tower(out: Path) -> Path:
     """drip-tiny-16-4x whose boundary predictor says "boundary" at every patch with logit 20: the training-time
     Gumbel noise (|logit noise| <= 13.8) cannot flip a decision, so two runs that draw different noise (other
