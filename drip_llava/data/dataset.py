@@ -334,9 +334,10 @@ def compute_image_token_counts(tower: torch.nn.Module, images: Sequence[str], lo
 
 
 def load_or_compute_counts(cache_path: Optional[str], fingerprint: str, compute: Callable[[], dict],
-                           is_main: bool = True) -> dict:
-    """Counts cached as JSON {fingerprint, counts}; recomputed when the tower (fingerprint) changed."""
-    if cache_path and os.path.isfile(cache_path):
+                           is_main: bool = True, read_cache: bool = True) -> dict:
+    """Counts cached as JSON {fingerprint, counts}; recomputed when the tower (fingerprint) changed, or always
+    with read_cache=False (then only written)."""
+    if read_cache and cache_path and os.path.isfile(cache_path):
         with open(cache_path, encoding="utf-8") as f:
             cached = json.load(f)
         if cached.get("fingerprint") == fingerprint:

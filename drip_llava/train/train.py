@@ -75,25 +75,37 @@ def load_tokenizer(model_args, training_args):
     return tok
 
 
+def on_every_rank(flag: bool, device) -> bool:
+    """True when `flag` holds on every rank (one all-reduce; the flag itself without torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def visual_token_counts(tower, loader: ImageLoader, records: list, data_args, training_args) -> Optional[dict]:
     """Exact per-image token counts or None (the estimate: the tower's maximum for truncation and
     num_patches * target_rate for grouping). 'exact' computes them once (tower in eval mode, sharded over the
     ranks, images decoded by the loader workers) and caches them; 'auto' reads the cache when it matches this
-    tower and never runs the pass (for mix665k it would take the tower over 624K images before step 1)."""
+    tower and never runs the pass (for mix665k it would take the tower over 624K images before step 1).
+    The ranks agree on the choice: a cache that some node cannot see (no shared file system) is not used, since
+    ranks with other counts would order and truncate the data differently."""
     mode = data_args.visual_token_count
     if mode == "max":
         return None
     images = [r["image"] for r in records if r.get("image") is not None]
     cache = data_args.visual_token_cache or os.path.join(training_args.output_dir, "visual_token_counts.json")
     fp = tower_fingerprint(tower.config.to_dict(), tower.select_layer, data_args.image_aspect_ratio)
+    cached = load_or_compute_counts(cache, fp, lambda: None, is_main=False)
+    if on_every_rank(cached is not None, training_args.device):
+        logger.info("visual tokens: exact counts from %s (%d of %d images)", cache, len(set(images) & set(cached)),
+                    len(set(images)))
+        return cached
     if mode == "auto":
-        counts = load_or_compute_counts(cache, fp, lambda: None, is_main=False)
-        if counts is None or not set(images) <= set(counts):
-            logger.info("visual tokens: estimated (num_patches * target_rate for grouping, the maximum for "
-                        "truncation); --visual_token_count exact counts them once and caches them in %s", cache)
-            return None
-        logger.info("visual tokens: exact counts from %s", cache)
-        return counts
+        logger.info("visual tokens: estimated (num_patches * target_rate for grouping, the maximum for "
+                    "truncation); --visual_token_count exact counts them once and caches them in %s", cache)
+        return None
     params = list(tower.parameters())
     partitioned = any(hasattr(p, "ds_id") for p in params)
     device = training_args.device if not partitioned else None
@@ -107,7 +119,7 @@ def visual_token_counts(tower, loader: ImageLoader, records: list, data_args, tr
                 rank=training_args.process_index, world_size=training_args.world_size,
                 device=device or torch.device("cpu"), num_workers=training_args.dataloader_num_workers)
 
-    counts = load_or_compute_counts(cache, fp, compute, is_main=training_args.should_save)
+    counts = load_or_compute_counts(cache, fp, compute, is_main=training_args.should_save, read_cache=False)
     if counts:
         vals = sorted(counts.values())
         logger.info("visual tokens per image (%d images): min %d, median %d, max %d", len(vals), vals[0],
