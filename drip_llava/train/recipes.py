@@ -158,6 +158,8 @@ class Recipe:
             if m.pretrain_mm_mlp_adapter:
                 model.load_mm_projector(m.pretrain_mm_mlp_adapter)
             model.get_vision_tower().set_frozen(not m.unfreeze_mm_vision_tower)  # this run's flag, not the saved one
+            if m.unfreeze_mm_vision_tower:  # trained weights in fp32 (autocast computes; DeepSpeed keeps a master)
+                model.get_vision_tower().float()
             model.config.unfreeze_mm_vision_tower = m.unfreeze_mm_vision_tower
         if m.pretrain_mm_mlp_adapter:
             check_stage1_tower(model.config, m.pretrain_mm_mlp_adapter)
