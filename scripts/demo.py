@@ -5,8 +5,14 @@
 Stages (each runs the same command a user would type, and is skipped on a rerun when its output is complete):
   data -> clip (ViT-tiny, DRIP-tiny-4x with torchrun x2; DRIP-tiny-10x) -> boundaries -> probe (what the towers'
   LLaVA tokens encode) -> llm -> stage1 (deepspeed, zero2) -> stage2 (scripts/finetune_lora.sh) -> eval
-  (ScienceQA-format MC by letter and by likelihood, blank-image control, exact match, efficiency) -> report
-  (REPORT.md + PNG plots). Results land in OUT/results.json, which the QUICK test asserts on.
+  (ScienceQA-format MC by likelihood on every problem and by letter on a subset, each with the image and with a
+  blank one; exact match, efficiency) -> report (REPORT.md + PNG plots). Results land in OUT/results.json, which
+  the QUICK test asserts on.
+
+The verdict on "does LLaVA read the image?" is an exact McNemar test (drip_llava.eval.paired) of per-problem
+likelihood correctness with the image vs with a blank one, over the problems that have an image: FULL passes when
+with-image is more accurate at a two-sided p < ALPHA (a FAIL exits with status 1 after the report); QUICK runs
+the same code on 20 problems and prints the verdict line as information only.
 """
 from __future__ import annotations
 
@@ -41,7 +47,8 @@ class Budget:
     stage1_lr: float
     stage2_lr: float
     lora_r: int
-    n_eval: int  # ScienceQA-format questions evaluated
+    n_eval: int  # ScienceQA-format image problems (plus ~1/9 text-only ones), all answered by likelihood
+    n_letter: int  # at most this many of them answered by letter too: every k-th problem (generation is the slow path)
     n_exact: int  # held-out short-answer questions
     bench_images: int = 6  # val images (plus 2 photos) in the prefill benchmark
     bench_repeats: int = 3  # timed runs per image (median)
@@ -54,6 +61,9 @@ class Budget:
     # 13-type mix does not; docs/experiments.md, "Curriculum"). 0 = plain shuffled mix (QUICK: 10 steps are too
     # few for both, and its test asserts the loss falls)
     stage2_warmup_steps: int = 0
+    # question types of the ScienceQA image problems (vision_pretrain.synthetic_questions.SQA_MIXES): weighted
+    # toward colour, the attribute a tower reads after minutes of CLIP, so the with-image vs blank test has power
+    sqa_mix: str = "readable"
 
     @property
     def n_warmup_records(self) -> int:
@@ -64,18 +74,26 @@ class Budget:
 # Calibrated on 2 cores: tiny CLIP towers start on a loss plateau (~ln(batch)); DRIP leaves it after ~35 steps,
 # ViT after ~50 (scripts/compare_clip.py). Steps fit the time budget on the slower of the measured machines (an
 # EPYC with AVX512-BF16 but no AMX: LLaVA steps 4.3-4.9 s, CLIP steps 0.85-1.1 s in bf16; on a Xeon with AMX, 2.3 s
-# and ~0.65 s): FULL ~16-20 min, zero-shot top-1 ViT 9.4%, DRIP-4x 9.1%, DRIP-10x 8.4% (chance 2.5%); QUICK ~6 min,
-# DRIP-4x 9.3-9.75% at 70 CLIP steps (5.3% at 60: too close to the QUICK test's 5% floor). docs/results.md has the
+# and ~0.65 s): FULL 16.4-19.9 min measured with a 222-problem eval (~+100 s estimated for the 600 below),
+# zero-shot top-1 ViT 9.4%, DRIP-4x 9.1%, DRIP-10x 8.4% (chance 2.5%); QUICK ~6 min, DRIP-4x 9.3-9.75% at 70 CLIP
+# steps (5.3% at 60: too close to the QUICK test's 5% floor). docs/results.md has the
 # runs. Stage-1 lr 1e-2: tens of steps instead of LLaVA's ~2000 (at 1e-3 the caption loss stays flat). Stage 2: 60
 # steps, 25 of colour-only warm-up then 35 of the mix: the stage-2 loss is flat by step ~45, the shuffled mix alone
 # does not read the image (eval.image_use gap ~0), and the warm-up reads colour (held-out gap +0.012 +- 0.004,
 # colour questions above the blank-image control by likelihood; docs/experiments.md).
+# Eval: likelihood (one prompt pass, the options from its KV cache; ~0.4 s per problem on one core) on all 600
+# problems (540 with an image), with the image and blank; letter generation, about as slow per problem, on one
+# problem in 6 (100). Expected power, from the colour gain measured by likelihood at 222 problems (+12-13 points on
+# 69 colour problems, docs/results.md) and an assumed discordance of ~1/3 per problem: with the colour-weighted mix,
+# 540 image problems give z ~ 3.4 (two-sided p ~ 1e-3, ~80% power at p < 0.01); 200 uniform ones would give z ~ 1.1.
+# Cost: 1400 answer runs against 888 at 222 problems by both protocols, ~+100 s on the eval stage (269 s measured).
 FULL = Budget(n_train=8000, n_val=800, clip_steps=130, clip_batch=32, clip_lr=5e-4, stage1_steps=40,
               stage2_steps=60, stage2_warmup_steps=25, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16,
-              n_eval=200, n_exact=100)
+              n_eval=540, n_letter=100, n_exact=100)
 QUICK = Budget(n_train=2400, n_val=400, clip_steps=70, clip_batch=16, clip_lr=5e-4, stage1_steps=8,
-               stage2_steps=10, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=20, n_exact=20,
-               bench_images=1, bench_repeats=1, probe_images=(400, 200), n_image_use=0)
+               stage2_steps=10, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=16, n_eval=20, n_letter=12,
+               n_exact=20, bench_images=1, bench_repeats=1, probe_images=(400, 200), n_image_use=0)
+ALPHA = 0.01  # the FULL verdict's significance level (two-sided exact McNemar)
 CLIP_MODELS = ("vit-tiny-16", "drip-tiny-16-4x", "drip-tiny-16-10x")
 LLAVA_TOWER = "drip-tiny-16-4x"
 
@@ -158,7 +176,7 @@ class Demo:
         b = self.b
         self.run("data", [PY, "-m", "vision_pretrain.synthetic", "--out", self.data, "--n-train", b.n_train,
                           "--n-val", b.n_val, "--seed", "0", "--n-sqa", b.n_eval, "--workers", "2",
-                          "--n-warmup", b.n_warmup_records])
+                          "--n-warmup", b.n_warmup_records, "--sqa-mix", b.sqa_mix])
 
     def clip(self):
         from vision_pretrain.runlog import summarize_clip_run
@@ -251,14 +269,21 @@ class Demo:
             *([] if self.precision is None else ["--use_cpu", "True", "--bf16", str(self.precision == "bf16")])])
         self.results["stage1"] = summarize_hf_log(self.out / "stage1")
 
+    def check_data(self, **want):
+        """Stop with the fix when the data was generated with other arguments than this budget needs (an older run
+        or data format): the stages would silently train or evaluate on the wrong data."""
+        args = json.loads((self.data / "meta.json").read_text())["args"]
+        defaults = {"n_warmup": 0, "sqa_mix": "uniform"}  # what data without the argument was generated with
+        for key, value in want.items():
+            have = args.get(key, defaults.get(key))
+            if have != value:
+                raise SystemExit(f"demo: {self.data} was generated with {key}={have}, this budget needs {value} "
+                                 "(an older run or data format); rerun with `make demo FRESH=1`")
+
     def check_warmup_data(self):
-        """The warm-up schedule trains instruct.json in file order: data from an older run (no warm-up block, or
-        one of another size) would silently train on the wrong order, so stop with the fix instead."""
-        want = self.b.n_warmup_records
-        have = json.loads((self.data / "meta.json").read_text())["args"].get("n_warmup", 0)
-        if have != want:
-            raise SystemExit(f"demo: {self.data} was generated with n_warmup={have}, this budget needs {want} (an "
-                             "older data format); rerun with `make demo FRESH=1`")
+        """The warm-up schedule trains instruct.json in file order: a missing block, or one of another size, would
+        train on the wrong order."""
+        self.check_data(n_warmup=self.b.n_warmup_records)
 
     def stage2(self):
         b = self.b
@@ -281,13 +306,27 @@ class Demo:
         self.run("stage2", ["bash", "scripts/finetune_lora.sh", *order], env=env)
         self.results["stage2"] = summarize_hf_log(self.out / "stage2")
 
+    def letter_split(self, sqa: Path, dst: Path) -> Path:
+        """A ScienceQA folder (problems.json linked, pid_splits.json written) whose test split is every k-th problem
+        of SQA's, at most n_letter: the subset answered by letter, scored by the same scorer."""
+        pids = json.loads((sqa / "pid_splits.json").read_text())["test"]
+        step = max(1, -(-len(pids) // max(1, self.b.n_letter)))
+        dst.mkdir(parents=True, exist_ok=True)
+        link = dst / "problems.json"
+        if not link.exists():
+            link.symlink_to((sqa / "problems.json").resolve())
+        (dst / "pid_splits.json").write_text(json.dumps({"train": [], "val": [], "test": pids[::step]}))
+        return dst
+
     def evaluate(self):
         ev = self.out / "eval"
         ev.mkdir(parents=True, exist_ok=True)
         sqa = self.data / "scienceqa"
+        self.check_data(n_sqa=min(self.b.n_eval, self.b.n_val), sqa_mix=self.b.sqa_mix)
+        letter_dir = self.letter_split(sqa, ev / "sqa_letter")
         model = ["--model-path", self.out / "stage2", "--model-base", self.llm_dir]
         dtype = ["--dtype", "bfloat16"] if self.precision == "bf16" else []
-        self.run("sqa-convert", [PY, "-m", "drip_llava.eval.scienceqa", "convert", "--base-dir", sqa,
+        self.run("sqa-convert", [PY, "-m", "drip_llava.eval.scienceqa", "convert", "--base-dir", letter_dir,
                                  "--split", "test", "--out", ev / "sqa_questions.jsonl"])
         blank = make_blank_images(sqa / "images" / "test", ev / "blank_images")
         # exact match on held-out short-answer questions (val images)
@@ -304,15 +343,15 @@ class Demo:
                              "--json", ev / f"image_use_{stage}.json"]
                      for stage, data in (("stage1", "val_pretrain.json"), ("stage2", "val_instruct.json"))
                      if self.b.n_image_use}
-        # the same problems answered by likelihood (which option the model finds most probable): a 135M LLM
-        # often knows an answer it cannot map onto its letter
+        # the primary protocol, likelihood (which option the model finds most probable), on every problem: a 135M
+        # LLM often knows an answer it cannot map onto its letter. The longest jobs go first into the pool.
         rank = [PY, "-m", "drip_llava.eval.rank_choices", "--base-dir", sqa, *model, *dtype]
-        self.run_parallel([(f"sqa-generate-{tag}", [*generate, "--question-file", ev / "sqa_questions.jsonl",
+        self.run_parallel([(f"sqa-rank-{tag}", [*rank, "--image-folder", images,
+                                                "--answers-file", ev / f"sqa_ranked_{tag}.jsonl"])
+                           for tag, images in tags] +
+                          [(f"sqa-generate-{tag}", [*generate, "--question-file", ev / "sqa_questions.jsonl",
                                                      "--image-folder", images, "--max-new-tokens", "8",
                                                      "--answers-file", ev / f"sqa_answers_{tag}.jsonl"])
-                           for tag, images in tags] +
-                          [(f"sqa-rank-{tag}", [*rank, "--image-folder", images,
-                                                "--answers-file", ev / f"sqa_ranked_{tag}.jsonl"])
                            for tag, images in tags] +
                           [("exact-generate", [*generate, "--question-file", qfile, "--max-new-tokens", "16",
                                                "--image-folder", self.data / "imagefolder",
@@ -324,15 +363,7 @@ class Demo:
         if image_use:
             self.results["image_use"] = {stage: json.loads((ev / f"image_use_{stage}.json").read_text())
                                          for stage in image_use}
-        protocols = (("scienceqa", "answers"), ("scienceqa_ranked", "ranked"))  # letter, likelihood
-        for (tag, _), (key, kind) in itertools.product(tags, protocols):
-            name = f"{kind}_{tag}"
-            self.run(f"sqa-score-{name}", [PY, "-m", "drip_llava.eval.scienceqa", "score", "--base-dir", sqa,
-                                           "--result-file", ev / f"sqa_{name}.jsonl",
-                                           "--output-file", ev / f"sqa_scored_{name}.jsonl",
-                                           "--output-result", ev / f"sqa_result_{name}.json"])
-            self.results.setdefault(key, {})[tag] = read_sqa_result(
-                ev / f"sqa_result_{name}.json", ev / f"sqa_scored_{name}.jsonl", sqa)
+        self.score_mc(ev, sqa, letter_dir)
         self.results["exact_match"] = exact_match(qfile, ev / "exact_answers.jsonl")
         self.results["efficiency"] = json.loads((ev / "efficiency.json").read_text())
         towers = ",".join(["vit-tiny-16"] + [str(self.out / "clip" / p / "vision_tower") for p in CLIP_MODELS[1:]])
@@ -342,6 +373,23 @@ class Demo:
                                    ",".join(self.sample_images(self.b.bench_images) + ["astronaut", "coffee"]),
                                    "--json", ev / "prefill.json"])
         self.results["prefill"] = json.loads((ev / "prefill.json").read_text())
+
+    def score_mc(self, ev: Path, sqa: Path, letter_dir: Path):
+        """The four MC answer files (likelihood on SQA's split, letter on letter_dir's; with the image and blank)
+        through the ScienceQA scorer, then the paired test of image use; prints the verdict line."""
+        from demo_report import verdict_line  # scripts/ is on sys.path when this file runs
+
+        protocols = (("scienceqa", "answers", letter_dir), ("scienceqa_ranked", "ranked", sqa))  # letter, likelihood
+        for tag, (key, kind, base) in itertools.product(("image", "blank"), protocols):
+            name = f"{kind}_{tag}"
+            self.run(f"sqa-score-{name}", [PY, "-m", "drip_llava.eval.scienceqa", "score", "--base-dir", base,
+                                           "--result-file", ev / f"sqa_{name}.jsonl",
+                                           "--output-file", ev / f"sqa_scored_{name}.jsonl",
+                                           "--output-result", ev / f"sqa_result_{name}.json"])
+            self.results.setdefault(key, {})[tag] = read_sqa_result(
+                ev / f"sqa_result_{name}.json", ev / f"sqa_scored_{name}.jsonl", base)
+        self.results["image_test"] = image_test(ev, sqa, decisive=not self.quick)
+        print(f"\n[demo] {verdict_line(self.results['image_test'])}", flush=True)
 
     def write_report(self):
         from demo_report import write_report  # scripts/ is on sys.path when this file runs
@@ -380,23 +428,51 @@ def make_blank_images(src: Path, dst: Path) -> Path:
     return dst
 
 
+def question_types(sqa_dir: Path) -> dict[str, str]:
+    """pid -> question type (vision_pretrain.synthetic_questions.SQA_SKILL_TYPE, from the problem's skill)."""
+    from vision_pretrain.synthetic_questions import SQA_SKILL_TYPE
+
+    problems = json.loads((sqa_dir / "problems.json").read_text())
+    return {pid: SQA_SKILL_TYPE.get(p["skill"], p["skill"]) for pid, p in problems.items()}
+
+
 def read_sqa_result(path: Path, scored: Path, sqa_dir: Path) -> dict:
-    """The scorer's totals, the chance level of these questions, and accuracy per skill (question type)."""
+    """The scorer's totals, the chance level of these questions, and accuracy per question type."""
     r = json.loads(path.read_text())
     problems = json.loads((sqa_dir / "problems.json").read_text())
     test = json.loads((sqa_dir / "pid_splits.json").read_text())["test"]
+    types = question_types(sqa_dir)
     chance = sum(1 / len(problems[p]["choices"]) for p in test) / len(test)
-    by_skill: dict[str, list] = {}
+    by_type: dict[str, list] = {}
     for line in scored.read_text().splitlines():
         rec = json.loads(line)
-        p = problems[str(rec["question_id"])]
-        row = by_skill.setdefault(p["skill"], [0, 0, 0.0])  # correct, count, summed chance
+        pid = str(rec["question_id"])
+        row = by_type.setdefault(types[pid], [0, 0, 0.0])  # correct, count, summed chance
         row[0] += bool(rec["correct"])
         row[1] += 1
-        row[2] += 1 / len(p["choices"])
-    skills = {k: {"acc": 100 * c / n, "n": n, "chance": 100 * ch / n} for k, (c, n, ch) in sorted(by_skill.items())}
+        row[2] += 1 / len(problems[pid]["choices"])
+    per_type = {k: {"acc": 100 * c / n, "n": n, "chance": 100 * ch / n} for k, (c, n, ch) in sorted(by_type.items())}
     return {"acc": r.get("acc"), "img_acc": r.get("img_acc"), "chance": 100 * chance, "n": r.get("count"),
-            "by_skill": skills}
+            "by_type": per_type}
+
+
+def image_test(ev: Path, sqa_dir: Path, decisive: bool) -> dict:
+    """Does the model read the image? Exact McNemar on per-problem correctness with the image vs blank, over the
+    problems that have one (text-only problems get the same input in both runs), by likelihood (the verdict) and
+    by letter (its subset; information), overall, per question type and per attribute it needs."""
+    from drip_llava.eval import paired as pt
+    from vision_pretrain.synthetic_questions import SQA_ATTRIBUTE
+
+    types = question_types(sqa_dir)
+    out = {"alpha": ALPHA, "decisive": decisive}
+    for protocol, kind in (("likelihood", "ranked"), ("letter", "answers")):
+        a, b = (pt.read_correct(ev / f"sqa_scored_{kind}_{tag}.jsonl", image_only=True) for tag in ("image", "blank"))
+        out[protocol] = {"overall": pt.paired(a, b),
+                         "by_type": pt.by_group(a, b, {k: types[k] for k in a}),
+                         "by_attribute": pt.by_group(a, b, {k: SQA_ATTRIBUTE[types[k]] for k in a
+                                                            if types[k] in SQA_ATTRIBUTE})}
+    out["pass"] = pt.verdict(out["likelihood"]["overall"], ALPHA)
+    return out
 
 
 def exact_match(qfile: Path, afile: Path) -> dict:
@@ -445,6 +521,14 @@ def main(argv=None):
     print(f"\n[demo] finished in {time.time() - t0:.0f} s. Report: {out / 'REPORT.md'}")
     print(f"[demo] chat with the trained model:\n  {PY} -m drip_llava.serve.gradio_app --model-path "
           f"{out / 'stage2'} --model-base {demo.results.get('llm', 'LLM_DIR')}")
+    test = demo.results.get("image_test")
+    if test:
+        from demo_report import verdict_line
+
+        print(f"[demo] {verdict_line(test)}")
+        if test["decisive"] and not test["pass"]:
+            raise SystemExit("demo: the FULL verdict is FAIL: with the image is not more accurate than blank at "
+                             f"p < {test['alpha']} (REPORT.md, section 4)")
 
 
 if __name__ == "__main__":

@@ -123,6 +123,143 @@ def image_use_section(image_use: dict | None) -> list[str]:
     return L + [""]
 
 
+PROBE_MARGIN = 5.0  # points above the majority class from which an attribute probe counts as reading it
+ATTRIBUTE_WORDS = {"colour": "colour", "count": "count", "cell": "position", "shape": "shape"}
+LLAVA_TOWER = "drip-tiny-16-4x"  # scripts/demo.py's LLaVA tower
+
+
+def seen_attributes(probe: dict | None, tower: str = LLAVA_TOWER) -> dict[str, bool]:
+    """Attribute -> whether the tower's LLaVA tokens encode it: the better of its two probes (section 2b) at least
+    PROBE_MARGIN points above the majority class. Empty without probe results."""
+    row = (probe or {}).get(tower) or {}
+    return {a: max(r["mean"], r["attn"]) >= r["chance"] + PROBE_MARGIN for a, r in row.items() if isinstance(r, dict)}
+
+
+def _pair_cells(r: dict | None) -> str:
+    if not r:
+        return "- | -"
+    return f"{r['only_a']} / {r['only_b']} | {r['p_value']:.2g}"
+
+
+def eval_section(results: dict, budget: dict) -> list[str]:
+    """Section 4: the verdict on image use (likelihood, exact McNemar), the protocols side by side, and the per-type
+    table with which types the LLaVA tower can see."""
+    from drip_llava.eval.paired import combine
+    from vision_pretrain.synthetic_questions import SQA_ATTRIBUTE, SQA_MIXES
+
+    sqa, ranked, test = (results.get(k) or {} for k in ("scienceqa", "scienceqa_ranked", "image_test"))
+    if not (sqa or ranked):
+        return []
+    n_all = ranked.get("image", {}).get("n")
+    n_letter = sqa.get("image", {}).get("n")
+    L = ["## 4. Does LLaVA read the image? Held-out ScienceQA-format problems, with the image and with a blank one",
+         ""]
+    if test:
+        L += [f"**{verdict_line(test)}**", ""]
+    step = -(-n_all // n_letter) if n_all and n_letter else None  # scripts/demo.py's letter_split step
+    runs = 2 * (n_all + n_letter) if n_all and n_letter else None
+    mix = budget.get("sqa_mix", "uniform")
+    weights = SQA_MIXES.get(mix)
+    L += [f"Primary protocol: likelihood (`python -m drip_llava.eval.rank_choices`): each option is scored as a "
+          "short answer by its mean log-probability per token and the most probable one is the answer, the cloze "
+          "formulation sub-1B language models are evaluated with (lm-evaluation-harness, OLMES). LLaVA's letter "
+          "protocol (`python -m drip_llava.eval.generate`, the model writes a letter) is reported beside it. Both go "
+          "through the same ScienceQA scorer, with the images and with every image replaced by a flat grey one.", "",
+          f"Budget: likelihood on all {_fmt(n_all)} problems, letter on one problem in {_fmt(step)} "
+          f"({_fmt(n_letter)}), each with the image and blank: {_fmt(runs)} answer runs. Letter generation costs "
+          "about as much per problem as likelihood (~0.4 s on one core), the eval stage must keep the FULL demo "
+          "within 20 minutes on 2 cores, so the large sample goes to the protocol that decides.", ""]
+    if test:
+        L += ["Test: exact McNemar (`drip_llava.eval.paired`) on the problems that have an image, pairing each "
+              "problem's correctness with its image and with the blank one; only the discordant problems count. "
+              "Two-sided: a model can also do worse with its image (a misreading), and a two-sided exact McNemar is "
+              "what standard tools report, so the p-value can be checked elsewhere; the verdict also needs the "
+              "direction. Text-only problems get the same input in both runs and are left out. "
+              + ("The FULL demo passes at p < " + str(test["alpha"]) + "." if test.get("decisive") else
+                 "QUICK prints the verdict line for information: its few problems cannot decide."), ""]
+    if weights:
+        share = {}
+        for t, w in weights.items():
+            share[ATTRIBUTE_WORDS[SQA_ATTRIBUTE[t]]] = share.get(ATTRIBUTE_WORDS[SQA_ATTRIBUTE[t]], 0) + w
+        L += [f"The image problems are weighted toward what a tower learns in a few CPU minutes (question mix "
+              f"`{mix}`: " + ", ".join(f"{100 * w:.0f}% {a}" for a, w in share.items()) + "; `python -m "
+              "vision_pretrain.synthetic --sqa-mix`): the overall verdict is mostly about colour, by design, and "
+              "the shape questions are a control that should not move. The table below separates the types.", ""]
+
+    L += ["| protocol | with the image % | image replaced by a blank one % | chance % |", "|---|---|---|---|"]
+    for name, r in ((f"likelihood, all {_fmt(n_all)} problems (primary)", ranked),
+                    (f"letter, {_fmt(n_letter)} of them", sqa)):
+        if r:
+            im, bl = r.get("image", {}), r.get("blank", {})
+            L.append(f"| {name} | {_fmt(im.get('acc'))} | {_fmt(bl.get('acc'))} | {_fmt(im.get('chance'))} |")
+            L.append(f"| ... IMG (problems with an image) | {_fmt(im.get('img_acc'))} | {_fmt(bl.get('img_acc'))} "
+                     "| |")
+    em = results.get("exact_match", {})
+    if em:
+        L.append(f"| exact match, short answers ({em.get('n')} questions) | {_fmt(em.get('accuracy'))} | | |")
+    L.append("")
+    if test and test.get("letter", {}).get("overall", {}).get("n"):
+        from drip_llava.eval.paired import format_line
+
+        L += ["By letter (information): " + format_line(test["letter"]["overall"]) + ".", ""]
+
+    seen = seen_attributes(results.get("probe"))
+    types = ranked.get("image", {}).get("by_type") or sqa.get("image", {}).get("by_type") or {}
+    order = list(SQA_ATTRIBUTE) + ["text_only"]  # grouped by attribute: colour, count, position, shape, no image
+    types = dict(sorted(types.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    if types:
+        lik_t = (test.get("likelihood") or {}).get("by_type", {})
+        let_im, let_bl = (sqa.get(t, {}).get("by_type", {}) for t in ("image", "blank"))
+        bl = ranked.get("blank", {}).get("by_type", {})
+
+        def sees(t):
+            a = SQA_ATTRIBUTE.get(t)
+            return "no image" if a is None else (
+                f"{ATTRIBUTE_WORDS[a]}: {'yes' if seen[a] else 'no'}" if a in seen else f"{ATTRIBUTE_WORDS[a]}: ?")
+
+        L += ["Per question type. Likelihood on every problem (right only with the image / only blank, and the "
+              "exact McNemar p of the type alone), letter on its subset; chance from each problem's option count. "
+              "\"Tower sees\" is the attribute the type needs and whether the LLaVA tower's tokens encode it (its "
+              f"attribute probes, section 2b: the better probe >= {PROBE_MARGIN:.0f} points above the majority "
+              "class).", "",
+              "| question type | tower sees | n | likelihood: image % | blank % | discordant | p | letter: n | "
+              "image % | blank % | chance % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for t, r in types.items():
+            li = let_im.get(t, {})
+            L.append(f"| {t} | {sees(t)} | {r['n']} | {_fmt(r['acc'])} | {_fmt(bl.get(t, {}).get('acc'))} | "
+                     f"{_pair_cells(lik_t.get(t))} | {_fmt(li.get('n'))} | {_fmt(li.get('acc'))} | "
+                     f"{_fmt(let_bl.get(t, {}).get('acc'))} | {_fmt(r['chance'])} |")
+        L.append("")
+        by_attr = (test.get("likelihood") or {}).get("by_attribute", {})
+        if by_attr and seen:
+            from drip_llava.eval.paired import format_line
+
+            for label, want in (("types the tower sees", True), ("types it does not see yet", False)):
+                attrs = [a for a in ATTRIBUTE_WORDS if a in by_attr and seen.get(a) is want]
+                if attrs:
+                    words = ", ".join(ATTRIBUTE_WORDS[a] for a in attrs)
+                    L.append(f"- {label} ({words}), by likelihood: {format_line(combine([by_attr[a] for a in attrs]))}")
+            L.append("")
+        elif not seen:
+            L += ["(No probe results: which types the tower can see is not known in this run.)", ""]
+    return L
+
+
+def verdict_line(test: dict) -> str:
+    """The verdict on image use with its numbers (REPORT.md and the demo's console): PASS / FAIL in FULL,
+    information only in QUICK."""
+    from drip_llava.eval.paired import format_line
+
+    r = test["likelihood"]["overall"]
+    rule = f"PASS needs with-image > blank at p < {test['alpha']}"
+    if test["decisive"]:
+        head = f"verdict: {'PASS' if test['pass'] else 'FAIL'} ({rule})"
+    else:
+        head = (f"verdict for information only (QUICK: too few problems to decide; it "
+                f"{'would pass' if test['pass'] else 'would not pass'} the FULL rule, {rule})")
+    return f"Does LLaVA read the image? {head}. By likelihood, problems with an image: {format_line(r)}"
+
+
 def write_report(out: Path, results: dict, budget: dict, quick: bool):
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
@@ -163,36 +300,7 @@ def write_report(out: Path, results: dict, budget: dict, quick: bool):
     L.append("")
     L += image_use_section(results.get("image_use"))
 
-    sqa = results.get("scienceqa", {})
-    L += ["## 4. Evaluation on held-out synthetic questions", "",
-          "| eval | with the image | image replaced by a blank one | chance |", "|---|---|---|---|"]
-    if sqa:
-        im, bl = sqa.get("image", {}), sqa.get("blank", {})
-        L.append(f"| ScienceQA-format MC accuracy % (scorer: drip_llava.eval.scienceqa) | {_fmt(im.get('acc'))} | "
-                 f"{_fmt(bl.get('acc'))} | {_fmt(im.get('chance'))} |")
-        L.append(f"| ... IMG accuracy % | {_fmt(im.get('img_acc'))} | {_fmt(bl.get('img_acc'))} | |")
-    ranked = results.get("scienceqa_ranked", {})
-    if ranked:
-        im, bl = ranked.get("image", {}), ranked.get("blank", {})
-        L.append(f"| the same MC by answer likelihood % (drip_llava.eval.rank_choices, same scorer) | "
-                 f"{_fmt(im.get('acc'))} | {_fmt(bl.get('acc'))} | {_fmt(im.get('chance'))} |")
-        L.append(f"| ... IMG accuracy % | {_fmt(im.get('img_acc'))} | {_fmt(bl.get('img_acc'))} | |")
-    em = results.get("exact_match", {})
-    if em:
-        L.append(f"| exact match %, short answers ({em.get('n')} questions) | {_fmt(em.get('accuracy'))} | | |")
-    L.append("")
-    skills = sqa.get("image", {}).get("by_skill") if sqa else None
-    if skills:
-        blank = sqa.get("blank", {}).get("by_skill", {})
-        r_im, r_bl = ({} if not ranked else ranked.get(t, {}).get("by_skill", {}) for t in ("image", "blank"))
-        L += ["MC accuracy % by question type (ScienceQA `skill`), by letter and by likelihood:", "",
-              "| question type | n | letter: with the image | letter: blank image | likelihood: with the image | "
-              "likelihood: blank image | chance |", "|---|---|---|---|---|---|---|"]
-        for k, r in skills.items():
-            L.append(f"| {k} | {r['n']} | {_fmt(r['acc'])} | {_fmt(blank.get(k, {}).get('acc'))} | "
-                     f"{_fmt(r_im.get(k, {}).get('acc'))} | {_fmt(r_bl.get(k, {}).get('acc'))} | "
-                     f"{_fmt(r['chance'])} |")
-        L.append("")
+    L += eval_section(results, budget)
 
     if prefill:
         L += ["## 5. Efficiency: visual tokens and LLM prefill", "",

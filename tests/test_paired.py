@@ -66,6 +66,16 @@ def test_by_group_splits_the_pairs():
     assert (groups["shape"]["both"], groups["shape"]["only_b"]) == (1, 1)
 
 
+def test_combine_adds_the_tables_of_disjoint_groups():
+    a = {str(i): i % 3 != 0 for i in range(30)}
+    b = {str(i): i % 5 == 0 for i in range(30)}
+    groups = {str(i): "low" if i < 12 else "high" for i in range(30)}
+    whole = pt.paired(a, b)
+    assert pt.combine(list(pt.by_group(a, b, groups).values())) == whole
+    with pytest.raises(ValueError):
+        pt.combine([])
+
+
 def _problem(answer, image):
     return {"question": "What colour is the largest shape?", "choices": ["red", "blue"], "answer": answer,
             "hint": "" if image else "Mia drew a red circle.", "image": "image.png" if image else None,

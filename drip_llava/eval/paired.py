@@ -66,6 +66,19 @@ def by_group(a: dict[str, bool], b: dict[str, bool], group_of: dict[str, str],
             for g, ks in sorted(groups.items())}
 
 
+def combine(results: list[dict]) -> dict:
+    """One `paired` result from the results of disjoint groups: their 2x2 tables add, the p-value is recomputed
+    (McNemar needs only the discordant counts)."""
+    if not results:
+        raise ValueError("nothing to combine")
+    t = {k: sum(r[k] for r in results) for k in ("n", "both", "only_a", "only_b", "neither", "unpaired")}
+    n = t["n"]
+    return {**t, "acc_a": 100 * (t["both"] + t["only_a"]) / n if n else None,
+            "acc_b": 100 * (t["both"] + t["only_b"]) / n if n else None,
+            "p_value": mcnemar_exact(t["only_a"], t["only_b"], results[0]["alternative"]),
+            "alternative": results[0]["alternative"]}
+
+
 def read_correct(scored_path, image_only: bool = False) -> dict[str, bool]:
     """problem id -> correct, from a `scienceqa score --output-file` jsonl (image_only: problems with an image)."""
     return {str(r["question_id"]): bool(r["correct"]) for r in read_jsonl(scored_path)
