@@ -299,6 +299,7 @@ def test_cli_idempotent_and_overwrite(tmp_path, capsys):
     meta = sw.main(smaller + ["--overwrite"])
     assert not meta["reused"] and len(list(out.glob("train-*.tar"))) == 1  # stale shards removed
     assert Image.open(next((out / "imagefolder" / "train").rglob("*.jpg"))).size == (64, 64)
+    assert sw.main(smaller + ["--sqa-mix", "readable", "--overwrite"])["args"]["sqa_mix"] == "readable"
 
 
 def test_library_api():
