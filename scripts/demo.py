@@ -313,8 +313,8 @@ class Demo:
         step = max(1, -(-len(pids) // max(1, self.b.n_letter)))
         dst.mkdir(parents=True, exist_ok=True)
         link = dst / "problems.json"
-        if not link.exists():
-            link.symlink_to((sqa / "problems.json").resolve())
+        link.unlink(missing_ok=True)  # a link left by an earlier run may point at other data
+        link.symlink_to((sqa / "problems.json").resolve())
         (dst / "pid_splits.json").write_text(json.dumps({"train": [], "val": [], "test": pids[::step]}))
         return dst
 
