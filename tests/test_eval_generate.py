@@ -21,7 +21,7 @@ def _build(out, llm_dir, preset, calibrate_on=None):
 
     from drip_llava.model import DripLlavaForCausalLM
     from drip_llava.vision import DripVisionModel
-    from drip_llava.vision.bench import calibrate_boundary_bias
+    from drip_llava.vision.calibrate import calibrate_boundary_bias
 
     torch.manual_seed(0)
     drip = DripVisionModel.from_preset(preset).eval()

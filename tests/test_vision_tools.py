@@ -8,6 +8,7 @@ from PIL import Image
 
 from drip_llava.vision import DripVisionModel, get_preset_config, list_presets
 from drip_llava.vision import bench, flops, images, visualize
+from drip_llava.vision.calibrate import calibrate_boundary_bias
 from drip_llava.vision import config as vcfg
 
 TINY = [p for p in list_presets() if "tiny" in p]
@@ -113,11 +114,11 @@ def test_flops_plot(tmp_path):
 def test_calibrate_hits_target(rule):
     model = _model("drip-tiny-16-4x", **({"eval_boundaries": rule} if hasattr(vcfg, "EVAL_BOUNDARIES") else {}))
     x = torch.randn(6, 3, 128, 128, generator=torch.Generator().manual_seed(3))
-    bench.calibrate_boundary_bias(model, x, "infer")
+    calibrate_boundary_bias(model, x, "infer")
     with torch.no_grad():
         n = model(x).num_tokens.float()
     assert n.mean().item() == pytest.approx(16, abs=0.2)
-    bench.calibrate_boundary_bias(model, x, "train", tokens_short=8)
+    calibrate_boundary_bias(model, x, "train", tokens_short=8)
     model.train()
     torch.manual_seed(0)
     with torch.no_grad():

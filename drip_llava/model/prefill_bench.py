@@ -58,7 +58,7 @@ def run(args) -> list[dict]:
     from drip_llava.model.embedded_llm import prepare_embedded_llm
     from drip_llava.model.llava_llama import DripLlavaForCausalLM
     from drip_llava.model.vision_tower import load_drip_model
-    from drip_llava.vision.bench import calibrate_boundary_bias
+    from drip_llava.vision.calibrate import calibrate_boundary_bias
     from drip_llava.vision.images import load_image
 
     if args.threads:

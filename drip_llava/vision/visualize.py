@@ -109,7 +109,7 @@ def segment_overlay(model, pil_image: Image.Image) -> tuple[Image.Image, int]:
 
 def calibrate_on_images(model, images: Sequence[Image.Image]) -> float:
     """Random-init presets only: set the predictor bias so these images get the config's target boundary rate."""
-    from .bench import calibrate_boundary_bias
+    from .calibrate import calibrate_boundary_bias
 
     p = next(model.parameters())
     x = torch.stack([model.preprocess(im) for im in images]).to(device=p.device, dtype=p.dtype)
