@@ -269,15 +269,25 @@ def test_upstream_checkpoint_with_its_own_tower_weights(upstream, tmp_path):
     torch.testing.assert_close(feats, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"compression": 4.0, "n_pre": 1}])
+@pytest.mark.parametrize("overrides", [[], ["compression=4", "n_pre=1"]])
 def test_hf_clip_folder_as_stage1_tower(upstream, tiny_llm_dir, tmp_path, overrides):
-    """--vision_tower CLIP_FOLDER: the unmodified CLIP (the baseline) or, with a compression, DRIP on its ViT;
-    the stage-1 output folder reloads with the same tower."""
+    """The trainer's `--vision_tower CLIP_FOLDER [--vision_override compression=4 n_pre=1]`: the unmodified CLIP
+    (the baseline) or DRIP on its ViT; the stage-1 output folder reloads with the same tower."""
+    from drip_llava.train.params import parse_args
+    from drip_llava.train.recipes import get_recipe
+
     _, clip_dir, _ = upstream
-    model = DripLlavaForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32)
-    model.initialize_vision_modules(str(clip_dir), **overrides)
+    data = tmp_path / "data.json"
+    data.write_text("[]")
+    argv = ["--model_name_or_path", str(tiny_llm_dir), "--vision_tower", str(clip_dir), "--data_path", str(data),
+            "--output_dir", str(tmp_path / "out"), "--tune_mm_mlp_adapter", "True", "--use_cpu", "True"]
+    if overrides:
+        argv += ["--vision_override", *overrides]
+    model_args, data_args, training_args = parse_args(argv)
+    model = get_recipe("stage1", model_args, data_args, training_args).load_model()
     vc = model.config.vision_config
-    assert (vc["compression"], vc["act"], vc["image_size"]) == (overrides.get("compression", 1.0), "quick_gelu", 32)
+    assert (vc["compression"], vc["act"], vc["image_size"]) == (4.0 if overrides else 1.0, "quick_gelu", 32)
+    assert (model.vision_tower.model.boundary_predictor is not None) == bool(overrides)
     model.save_mm_projector(tmp_path / "stage1")
     loaded = load_pretrained_model(tmp_path / "stage1", model_base=tiny_llm_dir, device="cpu",
                                    torch_dtype=torch.float32)

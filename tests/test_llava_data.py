@@ -338,7 +338,7 @@ def test_exact_visual_token_counts_match_single_images_and_cache(tower_model, im
         assert int(mask.sum()) == n
         assert 1 <= n <= tower.max_tokens
     cache = tmp_path / "counts.json"
-    fp = tower_fingerprint(tower.config.to_dict(), -2, "square")
+    fp = tower_fingerprint(tower.config.to_dict(), -2, {"aspect_ratio": "square"})
     calls = []
     assert load_or_compute_counts(str(cache), fp, lambda: calls.append(1) or counts) == counts
     assert load_or_compute_counts(str(cache), fp, lambda: calls.append(1) or {}) == counts

@@ -22,13 +22,14 @@ from torch import nn
 
 from drip_llava.distributed import exit_after_main
 from drip_llava.vision import DripVisionModel
+from drip_llava.vision.config import parse_overrides
 
 from .checkpoint import export_atomic
 from .clip import build_vision, gmacs
 from .data import ImageFolderData, build_transform, folder_eval_loader, folder_train_loader, steps_per_epoch_folder
 from .distributed import DistInfo, cleanup
 from .loop import Task, evaluate_topk, fit, start_run
-from .params import ClassifyArgs, ClassifyDataArgs, ClassifyModelArgs, TrainArgs, parse_grouped, parse_overrides, to_dict
+from .params import ClassifyArgs, ClassifyDataArgs, ClassifyModelArgs, TrainArgs, parse_grouped, to_dict
 
 
 class Classifier(nn.Module):

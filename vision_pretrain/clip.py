@@ -25,6 +25,7 @@ from open_clip.loss import ClipLoss
 
 from drip_llava.distributed import exit_after_main
 from drip_llava.vision import DripVisionModel
+from drip_llava.vision.config import parse_overrides
 from drip_llava.vision.hf_clip_import import is_hf_clip_folder, read_json
 from drip_llava.vision.open_clip_import import create_open_clip
 
@@ -34,7 +35,7 @@ from .clip_model import DripCLIP, build_tokenizer, get_text_config, text_init_fr
 from .data import clip_loader, count_samples, expand_urls
 from .distributed import broadcast_object, cleanup
 from .loop import Task, fit, start_run
-from .params import ClipArgs, ClipDataArgs, ClipModelArgs, TrainArgs, parse_grouped, parse_overrides, to_dict
+from .params import ClipArgs, ClipDataArgs, ClipModelArgs, TrainArgs, parse_grouped, to_dict
 
 LOGIT_SCALE_MAX = math.log(100)
 DEFAULT_PRESET = "drip-tiny-16-4x"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Optional, get_type_hints
@@ -145,20 +144,6 @@ def parse_grouped(argv, top_cls, groups: dict, description: str, defaults: dict 
         add_dataclass_args(parser, cls, title, (defaults or {}).get(title))
     ns = parser.parse_args(argv)
     return top_cls(**{title: build(cls, ns, title) for title, cls in groups.items()})
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """['rate_loss="binomial"', 'n_pre=4'] -> {'rate_loss': 'binomial', 'n_pre': 4} (bare words are strings)."""
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"override {pair!r} is not KEY=VALUE")
-        key, value = pair.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def to_dict(args) -> dict:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .conversation import (ConversationError, ConversationTemplate, TokenizationMismatch, get_template,
                            preprocess_conversation)
-from .image_processor import OPENAI_MEAN, DripLlavaImageProcessor, expand2square  # noqa: F401 (re-exported)
+from .image_processor import OPENAI_MEAN, DripLlavaImageProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -276,8 +276,9 @@ class DataCollatorForSupervisedDataset:
 
 
 # ---- exact visual token counts -------------------------------------------------------------------------
-def tower_fingerprint(vision_config: dict, select_layer: int, aspect_ratio: str) -> str:
-    blob = json.dumps({"v": vision_config, "layer": select_layer, "aspect": aspect_ratio}, sort_keys=True,
+def tower_fingerprint(vision_config: dict, select_layer: int, image_processor: dict) -> str:
+    """Identifies what the cached counts depend on: the tower, the block read and every preprocessing step."""
+    blob = json.dumps({"v": vision_config, "layer": select_layer, "processor": image_processor}, sort_keys=True,
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -30,6 +30,10 @@ class ModelArguments:
     allow_random_vision_tower: bool = field(default=False, metadata={
         "help": "accept a --vision_tower with random weights (a preset name, open_clip:NAME without weights): "
                 "for tests and smoke runs; LLaVA trained on a random tower learns nothing from images"})
+    vision_override: list[str] = field(default_factory=list, metadata={
+        "help": "override the tower's config fields, KEY=VALUE (JSON value), e.g. compression=4 n_pre=4: on a "
+                "pretrained ViT (an HF CLIP folder, open_clip:NAME:TAG) compression > 1 adds a fresh boundary "
+                "predictor; train it (CLIP finetune first, or --unfreeze_mm_vision_tower)", "nargs": "*"})
     unfreeze_mm_vision_tower: bool = field(default=False, metadata={
         "help": "stage 2: train the DRIP tower too (full and lora recipes); its rate loss, weighted by "
                 "--rate_loss_weight, is added to the loss and logged"})

@@ -27,6 +27,7 @@ from torch import nn
 from ..data.image_processor import DripLlavaImageProcessor
 from ..model.llava_llama import DripLlavaForCausalLM
 from ..model.vision_tower import DripVisionTower
+from ..vision.config import parse_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,15 @@ class Recipe:
             model.initialize_vision_modules(m.vision_tower, projector_type=m.mm_projector_type,
                                             select_layer=m.mm_vision_select_layer,
                                             pretrain_mm_mlp_adapter=m.pretrain_mm_mlp_adapter,
-                                            unfreeze_vision_tower=m.unfreeze_mm_vision_tower)
+                                            unfreeze_vision_tower=m.unfreeze_mm_vision_tower,
+                                            **parse_overrides(m.vision_override))
+            if m.vision_override and not m.unfreeze_mm_vision_tower:
+                logger.warning("--vision_override %s on a frozen tower: a fresh boundary predictor stays untrained "
+                               "(finetune the tower with vision_pretrain.clip first, or add "
+                               "--unfreeze_mm_vision_tower True)", " ".join(m.vision_override))
+        elif m.vision_override:
+            raise ValueError("--vision_override needs --vision_tower: the tower of a saved model is rebuilt from its "
+                             "own config")
         elif model.get_vision_tower() is None:
             raise ValueError(f"{m.model_name_or_path} has no vision tower: pass --vision_tower (a DripVisionModel "
                              "folder or preset)")

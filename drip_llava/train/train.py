@@ -96,7 +96,7 @@ def visual_token_counts(tower, loader: ImageLoader, records: list, data_args, tr
         return None
     images = [r["image"] for r in records if r.get("image") is not None]
     cache = data_args.visual_token_cache or os.path.join(training_args.output_dir, "visual_token_counts.json")
-    fp = tower_fingerprint(tower.config.to_dict(), tower.select_layer, data_args.image_aspect_ratio)
+    fp = tower_fingerprint(tower.config.to_dict(), tower.select_layer, loader.processor.to_dict())
     cached = load_or_compute_counts(cache, fp, lambda: None, is_main=False)
     if on_every_rank(cached is not None, training_args.device):
         logger.info("visual tokens: exact counts from %s (%d of %d images)", cache, len(set(images) & set(cached)),

@@ -131,3 +131,17 @@ def _preset_dict(name: str) -> dict:
 def get_preset_config(name: str, **overrides) -> DripVisionConfig:
     """Config of a named preset; keyword overrides replace single fields (e.g. n_pre=4, rate_loss='binomial')."""
     return DripVisionConfig(**{**_preset_dict(name), **overrides})
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """['rate_loss="binomial"', 'n_pre=4'] -> {'rate_loss': 'binomial', 'n_pre': 4} (bare words are strings)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"override {pair!r} is not KEY=VALUE")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
