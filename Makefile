@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(PY) scripts/demo.py $(if $(QUICK),--quick) $(if $(FRESH),--fresh)
+	$(PY) -m drip_demo $(if $(QUICK),--quick) $(if $(FRESH),--fresh)
 
 test: install
 	$(PY) -m pytest tests -x -q --timeout 1800 $(PYTEST_ARGS)

@@ -19,7 +19,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(scope="session")
 def embedded_tokenizer_dir():
     """Folder with SmolLM2-135M-Instruct's tokenizer (and chat template)."""
-    from drip_llava.model.embedded_llm import prepare_embedded_tokenizer
+    from drip_demo.embedded_llm import prepare_embedded_tokenizer
 
     return prepare_embedded_tokenizer()
 
@@ -27,7 +27,7 @@ def embedded_tokenizer_dir():
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory, embedded_tokenizer_dir):
     """A random 2-layer, 64-wide LlamaForCausalLM + the real SmolLM2 tokenizer (vocab 49152, pad = <|im_end|>)."""
-    from drip_llava.model.embedded_llm import build_tiny_llama
+    from drip_demo.embedded_llm import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llm"), embedded_tokenizer_dir, hidden=64, layers=2)
 

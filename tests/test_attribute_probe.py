@@ -1,7 +1,7 @@
-"""The attribute probe reads what a tower's LLaVA tokens encode (vision_pretrain.attribute_probe)."""
+"""The attribute probe reads what a tower's LLaVA tokens encode (drip_demo.attribute_probe)."""
 import json
 
-from vision_pretrain import attribute_probe
+from drip_demo import attribute_probe
 
 
 def test_probe_decodes_colour_from_a_random_tower(tmp_path, capsys):

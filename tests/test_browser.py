@@ -58,7 +58,8 @@ def _free_port():
 @pytest.fixture(scope="module")
 def smol_projector_dir(tmp_path_factory, tiny_drip_dir):
     """Stage-1-like folder: mm_projector.safetensors + config.json + vision_tower/, on the embedded SmolLM2."""
-    from drip_llava.model import DripLlavaForCausalLM, prepare_embedded_llm
+    from drip_demo.embedded_llm import prepare_embedded_llm
+    from drip_llava.model import DripLlavaForCausalLM
 
     llm = prepare_embedded_llm()
     torch.manual_seed(0)
@@ -74,7 +75,7 @@ def _norm(text: str) -> str:
 
 
 def test_chat_in_headless_chromium(smol_projector_dir, tmp_path):
-    from drip_llava.serve.chat import ChatEngine, GenerationSettings
+    from drip_llava.inference import ChatEngine, GenerationSettings
     from drip_llava.vision.images import example_image
 
     _ensure_chromium()

@@ -22,7 +22,7 @@ from vision_pretrain.checkpoint import list_checkpoints
 from vision_pretrain.clip_model import DripCLIP, build_tokenizer, get_text_config
 from vision_pretrain.data import ClipShardStream, clip_loader
 from vision_pretrain.runlog import read_jsonl
-from vision_pretrain.synthetic import generate
+from drip_demo.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
 # a micro DRIP-4x tower: 64 px, patch 8 (64 patches), 3 blocks of width 64

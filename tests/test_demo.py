@@ -15,8 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_warmup_schedule_refuses_data_without_its_block(tmp_path):
     """Stage 2 trains the FULL budget's warm-up in file order: data generated without that block must stop it."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import demo
+    from drip_demo import pipeline as demo
 
     d = demo.Demo(tmp_path, demo.FULL, quick=False)
     (tmp_path / "data").mkdir()
@@ -45,10 +44,9 @@ def test_eval_verdict_and_report_from_answer_files(tmp_path, reads, capsys):
     """The eval's scoring, paired test, verdict and REPORT section 4 on generated answer files (no model): a run
     that is right on colour questions only with the image passes the FULL rule; one that ignores it fails, and
     the FULL demo then exits non-zero after writing its report."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import demo
-    from vision_pretrain.synthetic import generate
-    from vision_pretrain.synthetic_questions import SQA_SKILL_TYPE
+    from drip_demo import pipeline as demo
+    from drip_demo.synthetic import generate
+    from drip_demo.synthetic_questions import SQA_SKILL_TYPE
 
     out = tmp_path / "demo"
     generate(out / "data", 40, 120, n_sqa=120, sqa_mix="readable", workers=1, progress=False)
@@ -112,7 +110,7 @@ def test_eval_verdict_and_report_from_answer_files(tmp_path, reads, capsys):
 def test_quick_demo_runs_every_stage_and_learns(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "drip_demo", "--quick", "--out", str(out)],
                           cwd=ROOT, env=env, timeout=1800, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     r = json.loads((out / "results.json").read_text())
@@ -127,7 +125,7 @@ def test_quick_demo_runs_every_stage_and_learns(tmp_path):
     for name in clip:
         assert 0 <= clip[name]["zeroshot_top1"] <= 1
     # DRIP-4x (the LLaVA tower) leaves the ln(batch) plateau within the QUICK budget (9.3-9.75% measured,
-    # chance 2.5%; docs/results.md); ViT-tiny leaves it later (scripts/compare_clip.py), so QUICK only reports it
+    # chance 2.5%; docs/results.md); ViT-tiny leaves it later (python -m drip_demo.compare_clip), so QUICK only reports it
     assert clip["drip-tiny-16-4x"]["zeroshot_top1"] >= 2 * 0.025, clip["drip-tiny-16-4x"]
     # achieved boundary rates near the targets (train, Gumbel) and fewer eval tokens for DRIP than ViT
     for name, target in (("drip-tiny-16-4x", 0.25), ("drip-tiny-16-10x", 0.1)):

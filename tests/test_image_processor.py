@@ -142,7 +142,7 @@ def test_same_pixels_in_training_serving_and_every_eval(tiny_llm_dir, tiny_drip_
     eval.generate, eval.rank_choices and eval.image_use then feed the model the very same tensor."""
     from drip_llava.eval import generate, image_use, rank_choices
     from drip_llava.model import load_pretrained_model
-    from drip_llava.serve.chat import ChatEngine, GenerationSettings
+    from drip_llava.inference import ChatEngine, GenerationSettings
     from drip_llava.train.train import main as train
 
     images = tmp_path / "images"

@@ -145,7 +145,7 @@ def test_embedded_smollm2_answers_through_drip_llava():
     """The real embedded LLM (converted once from the GGUF) inside DripLlava: text-only generation still works."""
     from transformers import AutoTokenizer
 
-    from drip_llava.model import prepare_embedded_llm
+    from drip_demo.embedded_llm import prepare_embedded_llm
 
     path = prepare_embedded_llm()
     assert prepare_embedded_llm() == path  # reused, not rebuilt

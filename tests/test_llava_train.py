@@ -5,6 +5,7 @@ CPU offload, QLoRA (4- and 8-bit) under ZeRO-2."""
 import json
 import os
 import random
+import runpy
 import shutil
 import subprocess
 import sys
@@ -351,8 +352,7 @@ def test_stage2_lora_zero3_resume_merge_generate(stage1_runs, tiny_llm_dir, tiny
     from drip_llava.data import build_prompt, tokenizer_image_token
     from drip_llava.model import load_pretrained_model
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    import merge_lora
+    merge_lora = runpy.run_path(str(REPO / "scripts" / "merge_lora.py"))  # the script users run
 
     adapter = stage1_runs["zero3"] / "mm_projector.safetensors"
     full = tmp_path / "lora_full"
@@ -387,7 +387,7 @@ def test_stage2_lora_zero3_resume_merge_generate(stage1_runs, tiny_llm_dir, tiny
     assert load_pretrained_model(str(full / "checkpoint-4"), model_base=str(tiny_llm_dir), device="cpu").kind == "lora"
 
     merged = tmp_path / "merged"
-    merge_lora.main(["--model-path", str(full), "--model-base", str(tiny_llm_dir), "--save-model-path", str(merged)])
+    merge_lora["main"](["--model-path", str(full), "--model-base", str(tiny_llm_dir), "--save-model-path", str(merged)])
     loaded = load_pretrained_model(str(merged), device="cpu")
     assert loaded.kind == "full" and loaded.model.config.conv_mode == "v1"
     m = loaded.model

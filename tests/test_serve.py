@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from drip_llava.serve.chat import (ChatEngine, ChatSession, GenerationSettings, ImageRejected, PromptTooLong,
+from drip_llava.inference import (ChatEngine, ChatSession, GenerationSettings, ImageRejected, PromptTooLong,
                                    load_image_safely)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vision_pretrain import synthetic as sw
-from vision_pretrain import synthetic_questions as sq
+from drip_demo import synthetic as sw
+from drip_demo import synthetic_questions as sq
 
 N_TRAIN, N_VAL = 80, 48  # >= 40 val images: every class appears in both splits (balanced classes)
 KW = dict(image_size=128, shard_size=30, n_sqa=40, n_bench_images=5, progress=False)

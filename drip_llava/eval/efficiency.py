@@ -81,7 +81,7 @@ def measure_model(model_path: str, images: list, question: str, model_base: Opti
                   load_4bit: bool = False, load_8bit: bool = False) -> dict:
     from tqdm import tqdm
 
-    from drip_llava.serve.chat import ChatEngine, GenerationSettings, ImageRejected
+    from drip_llava.inference import ChatEngine, GenerationSettings, ImageRejected
 
     engine = ChatEngine.from_pretrained(model_path, model_base=model_base, conv_mode=conv_mode, device=device,
                                         load_4bit=load_4bit, load_8bit=load_8bit)

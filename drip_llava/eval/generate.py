@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
     from tqdm import tqdm
 
     from drip_llava.data.conversation import get_template
-    from drip_llava.serve.chat import (DEFAULT_MAX_PIXELS, ChatEngine, GenerationSettings, ImageRejected,
+    from drip_llava.inference import (DEFAULT_MAX_PIXELS, ChatEngine, GenerationSettings, ImageRejected,
                                        configure_pil, default_conv_mode)
 
     questions = load_questions(args.question_file)

@@ -121,7 +121,7 @@ def rank_choices(model, dataset, owners: list[tuple[str, int]]) -> dict:
 def main(argv=None) -> dict:
     from drip_llava.data.dataset import ImageLoader, LazySupervisedDataset
     from drip_llava.model.builder import load_pretrained_model
-    from drip_llava.serve.chat import default_conv_mode
+    from drip_llava.inference import default_conv_mode
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-dir", required=True, help="folder with problems.json and pid_splits.json")

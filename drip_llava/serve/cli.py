@@ -15,7 +15,7 @@ import sys
 import threading
 from typing import Optional, TextIO
 
-from drip_llava.serve.chat import (DEFAULT_MAX_PIXELS, ChatEngine, ChatSession, GenerationSettings, ImageRejected,
+from drip_llava.inference import (DEFAULT_MAX_PIXELS, ChatEngine, ChatSession, GenerationSettings, ImageRejected,
                                    PromptTooLong, configure_pil)
 
 

@@ -30,7 +30,7 @@ from typing import Optional
 
 import gradio as gr
 
-from drip_llava.serve.chat import (DEFAULT_MAX_PIXELS, ChatEngine, ChatSession, GenerationSettings, ImageRejected,
+from drip_llava.inference import (DEFAULT_MAX_PIXELS, ChatEngine, ChatSession, GenerationSettings, ImageRejected,
                                    PromptTooLong, configure_pil)
 
 logger = logging.getLogger(__name__)
@@ -53,24 +53,11 @@ class UiState:
 
 
 def prepare_examples(folder: Optional[Path] = None) -> list[tuple[str, str]]:
-    """Write the offline example photos (skimage) as JPEGs once; returns [(path, question)]."""
-    from drip_llava.model.embedded_llm import default_cache_dir
-    from drip_llava.vision.images import example_image, list_examples
+    """The offline example photos (skimage) as JPEG files, written once; returns [(path, question)]."""
+    from drip_llava.vision.images import example_file, list_examples
 
-    folder = Path(folder) if folder is not None else default_cache_dir() / "examples"
-    folder.mkdir(parents=True, exist_ok=True)
     available = set(list_examples())
-    out = []
-    for name, question in EXAMPLES:
-        if name not in available:
-            continue
-        path = folder / f"{name}.jpg"
-        if not path.is_file():
-            tmp = folder / f".{name}.{os.getpid()}.jpg"
-            example_image(name).save(tmp, quality=92)
-            os.replace(tmp, path)  # atomic: concurrent first starts never see half a file
-        out.append((str(path), question))
-    return out
+    return [(str(example_file(name, folder)), question) for name, question in EXAMPLES if name in available]
 
 
 def _file_path(item) -> tuple[str, str]:

@@ -1,6 +1,8 @@
-"""Offline example photos (bundled with scikit-image and matplotlib), so pictures and tests need no network."""
+"""Offline example photos (bundled with scikit-image and matplotlib), so pictures and tests need no network;
+and the root of drip_llava's local caches, where the photos are written as files when a UI needs paths."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from PIL import Image
@@ -10,6 +12,11 @@ _SKIMAGE = {"astronaut": "astronaut", "chelsea": "chelsea", "coffee": "coffee", 
             "camera": "camera"}
 _MATPLOTLIB = {"grace_hopper": "grace_hopper.jpg"}
 EXAMPLE_PREFIX = "example:"
+
+
+def default_cache_dir() -> Path:
+    """Root of drip_llava's local caches (env DRIP_LLAVA_CACHE overrides ~/.cache/drip_llava)."""
+    return Path(os.environ.get("DRIP_LLAVA_CACHE", Path.home() / ".cache" / "drip_llava")).expanduser()
 
 
 def _matplotlib_sample(filename: str) -> Path | None:
@@ -44,6 +51,18 @@ def example_image(name: str) -> Image.Image:
         with Image.open(path) as im:
             return im.convert("RGB")
     raise KeyError(f"unknown example image {name!r}; valid: {', '.join(list_examples())}")
+
+
+def example_file(name: str, folder: str | os.PathLike | None = None) -> Path:
+    """The example photo `name` as a JPEG file in `folder` (default: <cache root>/examples), written once."""
+    folder = Path(folder) if folder is not None else default_cache_dir() / "examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.jpg"
+    if not path.is_file():
+        tmp = folder / f".{name}.{os.getpid()}.jpg"
+        example_image(name).save(tmp, quality=92)
+        os.replace(tmp, path)  # atomic: concurrent first starts never see half a file
+    return path
 
 
 def load_image(spec: str) -> Image.Image:

@@ -1,6 +1,6 @@
 """The whole DRIP-LLaVA pipeline on a laptop CPU, on the embedded default (synthetic shapes world + SmolLM2-135M).
 
-    python scripts/demo.py [--quick] [--fresh] [--out playground/demo]     (what `make demo [QUICK=1]` runs)
+    python -m drip_demo [--quick] [--fresh] [--out playground/demo]     (what `make demo [QUICK=1]` runs)
 
 Stages (each runs the same command a user would type, and is skipped on a rerun when its output is complete):
   data -> clip (ViT-tiny, DRIP-tiny-4x with torchrun x2; DRIP-tiny-10x) -> boundaries -> probe (what the towers'
@@ -61,7 +61,7 @@ class Budget:
     # 13-type mix does not; docs/experiments.md, "Curriculum"). 0 = plain shuffled mix (QUICK: 10 steps are too
     # few for both, and its test asserts the loss falls)
     stage2_warmup_steps: int = 0
-    # question types of the ScienceQA image problems (vision_pretrain.synthetic_questions.SQA_MIXES): weighted
+    # question types of the ScienceQA image problems (drip_demo.synthetic_questions.SQA_MIXES): weighted
     # toward colour, the attribute a tower reads after minutes of CLIP, so the with-image vs blank test has power
     sqa_mix: str = "readable"
 
@@ -72,7 +72,7 @@ class Budget:
 
 
 # Calibrated on 2 cores: tiny CLIP towers start on a loss plateau (~ln(batch)); DRIP leaves it after ~35 steps,
-# ViT after ~50 (scripts/compare_clip.py). Steps fit the time budget on the slower of the measured machines (an
+# ViT after ~50 (python -m drip_demo.compare_clip). Steps fit the time budget on the slower of the measured machines (an
 # EPYC with AVX512-BF16 but no AMX: LLaVA steps 4.3-4.9 s, CLIP steps 0.85-1.1 s in bf16; on a Xeon with AMX, 2.3 s
 # and ~0.65 s): FULL 16.4-19.9 min measured with a 222-problem eval (~+100 s estimated for the 600 below),
 # zero-shot top-1 ViT 9.4%, DRIP-4x 9.1%, DRIP-10x 8.4% (chance 2.5%); QUICK ~6 min, DRIP-4x 9.3-9.75% at 70 CLIP
@@ -121,7 +121,7 @@ class Demo:
         self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
         self.results["budget"] = asdict(budget)
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-                    "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                    "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
                     "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
 
     # ---- plumbing ------------------------------------------------------------------------------
@@ -174,13 +174,13 @@ class Demo:
     # ---- stages ----------------------------------------------------------------------------------
     def make_data(self):
         b = self.b
-        self.run("data", [PY, "-m", "vision_pretrain.synthetic", "--out", self.data, "--n-train", b.n_train,
+        self.run("data", [PY, "-m", "drip_demo.synthetic", "--out", self.data, "--n-train", b.n_train,
                           "--n-val", b.n_val, "--seed", "0", "--n-sqa", b.n_eval, "--workers", "2",
                           "--n-warmup", b.n_warmup_records, "--sqa-mix", b.sqa_mix])
 
     def clip(self):
         from vision_pretrain.runlog import summarize_clip_run
-        from vision_pretrain.synthetic import shard_spec
+        from drip_demo.synthetic import shard_spec
 
         b = self.b
         for preset in CLIP_MODELS:
@@ -221,7 +221,7 @@ class Demo:
         jobs = [names[0::2], names[1::2]]
         ev = self.out / "eval"
         ev.mkdir(parents=True, exist_ok=True)
-        self.run_parallel([(f"probe-{i}", [PY, "-m", "vision_pretrain.attribute_probe",
+        self.run_parallel([(f"probe-{i}", [PY, "-m", "drip_demo.attribute_probe",
                                            "--towers", ",".join(towers[n] for n in job), "--n-train", n_train,
                                            "--n-val", n_val, "--epochs", "15", "--json", ev / f"probe-{i}.json"])
                            for i, job in enumerate(jobs)])
@@ -239,7 +239,7 @@ class Demo:
         from concurrent.futures import ThreadPoolExecutor
 
         if self.llm_job is None and not self.results.get("done", {}).get("llm"):
-            code = "from drip_llava.model.embedded_llm import prepare_embedded_llm; print(prepare_embedded_llm())"
+            code = "from drip_demo.embedded_llm import prepare_embedded_llm; print(prepare_embedded_llm())"
             pool = ThreadPoolExecutor(1)
             self.llm_job = pool.submit(timed, self.run, "llm", [PY, "-c", code], None, "[llm] ")
             pool.shutdown(wait=False)  # the job still runs; the pool takes no more
@@ -367,7 +367,7 @@ class Demo:
         self.results["exact_match"] = exact_match(qfile, ev / "exact_answers.jsonl")
         self.results["efficiency"] = json.loads((ev / "efficiency.json").read_text())
         towers = ",".join(["vit-tiny-16"] + [str(self.out / "clip" / p / "vision_tower") for p in CLIP_MODELS[1:]])
-        self.run("prefill-bench", [PY, "-m", "drip_llava.model.prefill_bench", "--llm", self.llm_dir,
+        self.run("prefill-bench", [PY, "-m", "drip_demo.prefill_bench", "--llm", self.llm_dir,
                                    "--towers", towers, "--no-calibrate", "--repeats", self.b.bench_repeats,
                                    "--threads", "2", "--images",
                                    ",".join(self.sample_images(self.b.bench_images) + ["astronaut", "coffee"]),
@@ -377,7 +377,7 @@ class Demo:
     def score_mc(self, ev: Path, sqa: Path, letter_dir: Path):
         """The four MC answer files (likelihood on SQA's split, letter on letter_dir's; with the image and blank)
         through the ScienceQA scorer, then the paired test of image use; prints the verdict line."""
-        from demo_report import verdict_line  # scripts/ is on sys.path when this file runs
+        from drip_demo.report import verdict_line
 
         protocols = (("scienceqa", "answers", letter_dir), ("scienceqa_ranked", "ranked", sqa))  # letter, likelihood
         for tag, (key, kind, base) in itertools.product(("image", "blank"), protocols):
@@ -392,7 +392,7 @@ class Demo:
         print(f"\n[demo] {verdict_line(self.results['image_test'])}", flush=True)
 
     def write_report(self):
-        from demo_report import write_report  # scripts/ is on sys.path when this file runs
+        from drip_demo.report import write_report
 
         write_report(self.out, self.results, asdict(self.b), self.quick)
 
@@ -429,8 +429,8 @@ def make_blank_images(src: Path, dst: Path) -> Path:
 
 
 def question_types(sqa_dir: Path) -> dict[str, str]:
-    """pid -> question type (vision_pretrain.synthetic_questions.SQA_SKILL_TYPE, from the problem's skill)."""
-    from vision_pretrain.synthetic_questions import SQA_SKILL_TYPE
+    """pid -> question type (drip_demo.synthetic_questions.SQA_SKILL_TYPE, from the problem's skill)."""
+    from drip_demo.synthetic_questions import SQA_SKILL_TYPE
 
     problems = json.loads((sqa_dir / "problems.json").read_text())
     return {pid: SQA_SKILL_TYPE.get(p["skill"], p["skill"]) for pid, p in problems.items()}
@@ -461,7 +461,7 @@ def image_test(ev: Path, sqa_dir: Path, decisive: bool) -> dict:
     problems that have one (text-only problems get the same input in both runs), by likelihood (the verdict) and
     by letter (its subset; information), overall, per question type and per attribute it needs."""
     from drip_llava.eval import paired as pt
-    from vision_pretrain.synthetic_questions import SQA_ATTRIBUTE
+    from drip_demo.synthetic_questions import SQA_ATTRIBUTE
 
     types = question_types(sqa_dir)
     out = {"alpha": ALPHA, "decisive": decisive}
@@ -523,7 +523,7 @@ def main(argv=None):
           f"{out / 'stage2'} --model-base {demo.results.get('llm', 'LLM_DIR')}")
     test = demo.results.get("image_test")
     if test:
-        from demo_report import verdict_line
+        from drip_demo.report import verdict_line
 
         print(f"[demo] {verdict_line(test)}")
         if test["decisive"] and not test["pass"]:

@@ -1,12 +1,12 @@
 """What a vision tower's LLaVA tokens encode about the shapes world: small probes per attribute, side by side.
 
-    python -m vision_pretrain.attribute_probe --towers runs/a/vision_tower,vit-tiny-16 [--n-train 2000 --n-val 500]
+    python -m drip_demo.attribute_probe --towers runs/a/vision_tower,vit-tiny-16 [--n-train 2000 --n-val 500]
 
 For each tower it takes the tokens LLaVA would get (block `--select-layer`, segment tokens + mask), and fits on
 train images, scoring val images: a linear probe on the mean-pooled tokens, and an attention-pooling probe on the
 tokens (one learned query per attribute), for the largest object's colour and shape, the object count and the
 grid cell of the largest object. It answers "can the LLM read X from these tokens at all?" before one spends a
-LLaVA run finding out. Images come from `vision_pretrain.synthetic.make_sample` (same scenes as the demo data).
+LLaVA run finding out. Images come from `drip_demo.synthetic.make_sample` (same scenes as the demo data).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from drip_llava.model.vision_tower import DripVisionTower, build_vision_tower
-from .synthetic import COLOURS, POSITIONS, SHAPES, make_sample
+from drip_demo.synthetic import COLOURS, POSITIONS, SHAPES, make_sample
 
 ATTRIBUTES = {  # name -> (number of classes, label from a scene record)
     "colour": (len(COLOURS), lambda r: list(COLOURS).index(r["objects"][0]["colour"])),

@@ -1,4 +1,5 @@
-"""The one chat engine behind the Gradio app, the terminal CLI and batch answer generation.
+"""The one inference engine (image loading, processor, prompt, generation, streaming) behind the Gradio app,
+the terminal CLI and eval (answer generation, efficiency, choice ranking).
 
 `ChatEngine` owns the loaded model and does, for every answer: build the prompt from a conversation template,
 splice in the image (its real, per-image number of visual tokens), fit the conversation into the context,

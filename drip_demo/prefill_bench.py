@@ -1,7 +1,7 @@
 """Visual tokens per image and prefill time of the LLM with different towers (plain ViT vs DRIP).
 
-    python -m drip_llava.model.prefill_bench                      # embedded SmolLM2, tiny towers, 5 photos
-    python -m drip_llava.model.prefill_bench --towers vit-b-16,drip-b-16-4x,DIR --repeats 5 --json out.json
+    python -m drip_demo.prefill_bench                      # embedded SmolLM2, tiny towers, 5 photos
+    python -m drip_demo.prefill_bench --towers vit-b-16,drip-b-16-4x,DIR --repeats 5 --json out.json
 
 Towers are presets (random weights) or DripVisionModel folders. A random boundary predictor fires on about
 half the patches whatever its compression, so for presets the predictor's bias is calibrated on the bench
@@ -55,7 +55,7 @@ def run(args) -> list[dict]:
 
     from drip_llava.constants import DEFAULT_IMAGE_TOKEN
     from drip_llava.data.conversation import tokenizer_image_token
-    from drip_llava.model.embedded_llm import prepare_embedded_llm
+    from drip_demo.embedded_llm import prepare_embedded_llm
     from drip_llava.model.llava_llama import DripLlavaForCausalLM
     from drip_llava.model.vision_tower import load_drip_model
     from drip_llava.vision.calibrate import calibrate_boundary_bias

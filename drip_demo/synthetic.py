@@ -10,7 +10,7 @@ Determinism: scene, caption and class of (seed, split, index) come from an RNG s
 triple only, so the output does not depend on the number of workers and reruns are byte-identical.
 
 Library API: ``generate``, ``sample_scene``, ``render_scene``, ``CLASSNAMES`` / ``class_names()``,
-``COLOURS``, ``SHAPES``. CLI: ``python -m vision_pretrain.synthetic --out DIR``.
+``COLOURS``, ``SHAPES``. CLI: ``python -m drip_demo.synthetic --out DIR``.
 """
 from __future__ import annotations
 
@@ -268,7 +268,7 @@ def render_scene(scene: dict, image_size: int = 128, supersample: int = 2) -> Im
 
 def make_sample(seed: int, split: str, index: int, image_size: int = 128) -> tuple[dict, Image.Image]:
     """The record (scene + key, caption, cls) and image of one sample; same inputs -> same output."""
-    from vision_pretrain.synthetic_questions import alt_text, caption
+    from drip_demo.synthetic_questions import alt_text, caption
 
     rng = item_rng(seed, split, index)
     scene = sample_scene(rng, cls=balanced_class(seed, split, index))
@@ -292,7 +292,7 @@ def shard_spec(out: str | Path, split: str) -> str:
     """The brace pattern of a generated split's shards ('OUT/train-{000000..000002}.tar'), for --train-data."""
     n = len(list(Path(out).glob(f"{split}-*.tar")))
     if n == 0:
-        raise FileNotFoundError(f"{out}: no {split}-*.tar shards (python -m vision_pretrain.synthetic --out {out})")
+        raise FileNotFoundError(f"{out}: no {split}-*.tar shards (python -m drip_demo.synthetic --out {out})")
     return str(Path(out) / f"{split}-{{000000..{n - 1:06d}}}.tar")
 
 
@@ -364,7 +364,7 @@ def generate(out_dir, n_train: int, n_val: int, image_size: int = 128, seed: int
     """
     from tqdm import tqdm
 
-    from vision_pretrain import synthetic_questions as sq
+    from drip_demo import synthetic_questions as sq
 
     if n_train < 0 or n_val < 0 or n_train + n_val == 0:
         raise ValueError(f"need n_train, n_val >= 0 and at least one sample, got {n_train}, {n_val}")
@@ -468,7 +468,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vision_pretrain.synthetic", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m drip_demo.synthetic", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--n-train", type=int, default=18000)
     p.add_argument("--n-val", type=int, default=2000)

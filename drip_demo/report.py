@@ -1,4 +1,4 @@
-"""REPORT.md + PNG plots for scripts/demo.py, from its results.json (kept apart so the runner stays readable)."""
+"""REPORT.md + PNG plots for drip_demo.pipeline, from its results.json (kept apart so the runner stays readable)."""
 from __future__ import annotations
 
 import json
@@ -95,15 +95,15 @@ def plot_tokens(rows: list, path: Path):
 
 
 def probe_section(probe: dict | None) -> list[str]:
-    """What each tower's LLaVA tokens encode (vision_pretrain.attribute_probe): the reading the LLM can learn at
+    """What each tower's LLaVA tokens encode (drip_demo.attribute_probe): the reading the LLM can learn at
     best."""
     if not probe:
         return []
-    from vision_pretrain.attribute_probe import markdown_table
+    from drip_demo.attribute_probe import markdown_table
 
     return ["## 2b. What the LLaVA tokens encode (attribute probes)", "",
             "Val accuracy % of a linear probe on the mean-pooled tokens / an attention-pooling probe, fitted on train "
-            "images (`python -m vision_pretrain.attribute_probe`); majority class in brackets. Colour, shape and cell "
+            "images (`python -m drip_demo.attribute_probe`); majority class in brackets. Colour, shape and cell "
             "are those of the largest shape. An attribute at chance here cannot be read by the LLM either, whatever "
             "the LLaVA recipe.", "", *markdown_table(probe), ""]
 
@@ -125,7 +125,7 @@ def image_use_section(image_use: dict | None) -> list[str]:
 
 PROBE_MARGIN = 5.0  # points above the majority class from which an attribute probe counts as reading it
 ATTRIBUTE_WORDS = {"colour": "colour", "count": "count", "cell": "position", "shape": "shape"}
-LLAVA_TOWER = "drip-tiny-16-4x"  # scripts/demo.py's LLaVA tower
+LLAVA_TOWER = "drip-tiny-16-4x"  # drip_demo.pipeline's LLaVA tower
 
 
 def seen_attributes(probe: dict | None, tower: str = LLAVA_TOWER) -> dict[str, bool]:
@@ -145,7 +145,7 @@ def eval_section(results: dict, budget: dict) -> list[str]:
     """Section 4: the verdict on image use (likelihood, exact McNemar), the protocols side by side, and the per-type
     table with which types the LLaVA tower can see."""
     from drip_llava.eval.paired import combine
-    from vision_pretrain.synthetic_questions import SQA_ATTRIBUTE, SQA_MIXES
+    from drip_demo.synthetic_questions import SQA_ATTRIBUTE, SQA_MIXES
 
     sqa, ranked, test = (results.get(k) or {} for k in ("scienceqa", "scienceqa_ranked", "image_test"))
     if not (sqa or ranked):
@@ -156,7 +156,7 @@ def eval_section(results: dict, budget: dict) -> list[str]:
          ""]
     if test:
         L += [f"**{verdict_line(test)}**", ""]
-    step = -(-n_all // n_letter) if n_all and n_letter else None  # scripts/demo.py's letter_split step
+    step = -(-n_all // n_letter) if n_all and n_letter else None  # drip_demo.pipeline's letter_split step
     runs = 2 * (n_all + n_letter) if n_all and n_letter else None
     mix = budget.get("sqa_mix", "uniform")
     weights = SQA_MIXES.get(mix)
@@ -183,7 +183,7 @@ def eval_section(results: dict, budget: dict) -> list[str]:
             share[ATTRIBUTE_WORDS[SQA_ATTRIBUTE[t]]] = share.get(ATTRIBUTE_WORDS[SQA_ATTRIBUTE[t]], 0) + w
         L += [f"The image problems are weighted toward what a tower learns in a few CPU minutes (question mix "
               f"`{mix}`: " + ", ".join(f"{100 * w:.0f}% {a}" for a, w in share.items()) + "; `python -m "
-              "vision_pretrain.synthetic --sqa-mix`): the overall verdict is mostly about colour, by design, and "
+              "drip_demo.synthetic --sqa-mix`): the overall verdict is mostly about colour, by design, and "
               "the shape questions are a control that should not move. The table below separates the types.", ""]
 
     L += ["| protocol | with the image % | image replaced by a blank one % | chance % |", "|---|---|---|---|"]

@@ -1,6 +1,6 @@
 """ViT vs DRIP CLIP towers side by side at equal steps: zero-shot top-1/top-5, tokens, GMACs, step time.
 
-    python scripts/compare_clip.py --data playground/demo/data --out playground/compare_clip \\
+    python -m drip_demo.compare_clip --data playground/demo/data --out playground/compare_clip \\
         --presets vit-tiny-16 drip-tiny-16-2x drip-tiny-16-4x drip-tiny-16-10x --steps 240 --batch-size 64
 
 Every run gets the same data, seed, schedule and step count (vision_pretrain.clip in this process, one after
@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_report (plots) lives next to this file
-
-from vision_pretrain import clip  # noqa: E402
-from vision_pretrain.runlog import read_jsonl, summarize_clip_run  # noqa: E402
-from vision_pretrain.synthetic import shard_spec  # noqa: E402
+from drip_demo.synthetic import shard_spec
+from vision_pretrain import clip
+from vision_pretrain.runlog import read_jsonl, summarize_clip_run
 
 
 def run_preset(preset: str, args, run: Path) -> dict:
@@ -37,7 +34,7 @@ def run_preset(preset: str, args, run: Path) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="python -m vision_pretrain.synthetic output folder")
+    ap.add_argument("--data", required=True, help="python -m drip_demo.synthetic output folder")
     ap.add_argument("--out", required=True)
     ap.add_argument("--presets", nargs="+",
                     default=["vit-tiny-16", "drip-tiny-16-2x", "drip-tiny-16-4x", "drip-tiny-16-10x"])
@@ -52,7 +49,7 @@ def main(argv=None):
     out = Path(args.out)
     results = {p: run_preset(p, args, out / p) for p in args.presets}
     (out / "compare.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-    from demo_report import clip_table, plot_clip_comparison
+    from drip_demo.report import clip_table, plot_clip_comparison
 
     n_classes = len(json.loads((Path(args.data) / "classnames.json").read_text()))
     table = "\n".join(clip_table(results)) + f"\n\nChance is {100 / n_classes:.1f}% ({n_classes} classes).\n"
