@@ -1,4 +1,8 @@
-"""DRIP encoder configuration and the named presets (presets are data: model_configs/*.json)."""
+"""DRIP encoder configuration and the named presets (presets are data: model_configs/*.json).
+
+Every tower family (drip_llava.vision.families) shares these ViT fields; a config's `family` says which model
+class builds it ("drip", the default, is DRIP and the plain ViT, so configs saved without the field load as before).
+"""
 from __future__ import annotations
 
 import json
@@ -36,6 +40,7 @@ class DripVisionConfig(PretrainedConfig):
     """
 
     model_type = "drip_vision"
+    family = "drip"  # class default; family configs (tome, dynamicvit, ...) subclass this one and set their own
 
     def __init__(
         self,
@@ -65,6 +70,10 @@ class DripVisionConfig(PretrainedConfig):
         initializer_range: Optional[float] = None,
         **kwargs,
     ):
+        family = kwargs.pop("family", type(self).family)
+        if family != type(self).family:  # a saved tome/dynamicvit/... config must not silently build DRIP
+            raise ValueError(f"config of family {family!r} given to {type(self).__name__} (family "
+                             f"{type(self).family!r}); build it with drip_llava.vision.create_config / create_model")
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         if compression < 1:
@@ -88,6 +97,7 @@ class DripVisionConfig(PretrainedConfig):
         self.pool, self.class_token, self.act, self.layer_norm_eps = pool, class_token, act, layer_norm_eps
         self.image_mean, self.image_std = list(image_mean), list(image_std)
         self.initializer_range = initializer_range
+        self.family = family  # an instance field so that to_dict / config.json record it
         super().__init__(**kwargs)
 
     @property
@@ -116,21 +126,37 @@ class DripVisionConfig(PretrainedConfig):
         return self.num_patches
 
 
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+def list_presets(family: Optional[str] = "drip") -> list[str]:
+    """Preset names of one family (default "drip": DRIP and the plain ViT), or of every family with None."""
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    if family is None:
+        return names
+    return [n for n in names if _preset_dict(n).get("family", "drip") == family]
 
 
 @lru_cache(maxsize=None)
 def _preset_dict(name: str) -> dict:
     path = PRESET_DIR / f"{name}.json"
     if not path.is_file():
-        raise KeyError(f"unknown DRIP preset {name!r}; valid: {', '.join(list_presets())}")
+        raise KeyError(f"unknown preset {name!r}; valid: {', '.join(list_presets(None))}")
     return json.loads(path.read_text())
 
 
+def create_config(values: dict) -> DripVisionConfig:
+    """The config class of `values["family"]` (default "drip") built from a dict (a preset, a config.json)."""
+    family = values.get("family", "drip")
+    if family == "drip":
+        return DripVisionConfig(**values)
+    from .families import get_family  # the family modules import this one
+
+    return get_family(family).config_class(**values)
+
+
 def get_preset_config(name: str, **overrides) -> DripVisionConfig:
-    """Config of a named preset; keyword overrides replace single fields (e.g. n_pre=4, rate_loss='binomial')."""
-    return DripVisionConfig(**{**_preset_dict(name), **overrides})
+    """Config of a named preset; keyword overrides replace single fields (e.g. n_pre=4, rate_loss='binomial').
+
+    `family=...` in the overrides re-reads a preset as another family (e.g. a ViT preset as ToMe)."""
+    return create_config({**_preset_dict(name), **overrides})
 
 
 def parse_overrides(pairs: list[str]) -> dict:

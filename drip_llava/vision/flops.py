@@ -14,6 +14,8 @@ MACs per image (D width, H = mlp_ratio*D, N tokens incl. CLS, L patches, S segme
   ViT        = L*3*p^2*D + depth*block(1+L) + D*E
   DRIP       = L*3*p^2*D + n_pre*block(1+L) + (L*D*D_inner + L*D_inner) [predictor] + L*S*D [pooling]
                + n_short*block(1+S) + D*E
+  other tower families (`config.family`): `FAMILY_MACS[family](config)`, each documented at its function;
+  their token counts per block are fixed by the config in eval mode, so no `tokens_short` is taken.
 """
 from __future__ import annotations
 
@@ -40,9 +42,41 @@ def default_tokens_short(config: DripVisionConfig) -> int:
     return max(1, min(L, int(round(L * config.target_rate))))
 
 
+def block_macs(config: DripVisionConfig, n: float, n_mlp: Optional[float] = None) -> float:
+    """One Block: attention (qkv + out projection + QK^T + AV) on n tokens, MLP on n_mlp (default n)."""
+    D, H = config.hidden_size, int(config.hidden_size * config.mlp_ratio)
+    n_mlp = n if n_mlp is None else n_mlp
+    return 4 * n * D * D + 2 * n * n * D + 2 * n_mlp * D * H
+
+
+def tome_macs(config) -> dict:
+    """ToMe: per block, attention on the T tokens entering it, then the matching (ceil(T/2) x floor(T/2) cosine
+    scores of the head-averaged keys, width D/heads) when it merges r > 0, then the MLP on T - r tokens."""
+    c = config
+    L, D = c.num_patches, c.hidden_size
+    blocks = matching = 0
+    for T, r in c.merge_schedule():
+        blocks += block_macs(c, T, T - r)
+        if r > 0:
+            matching += ((T + 1) // 2) * (T // 2) * (D // c.num_heads)
+    return {"patch_embed": L * 3 * c.patch_size ** 2 * D, "blocks": blocks, "matching": matching,
+            "projection": D * c.embed_dim, "tokens_out": c.max_tokens}
+
+
+FAMILY_MACS = {"tome": tome_macs}
+
+
 def macs_breakdown(config: DripVisionConfig, tokens_short: Optional[float] = None) -> dict:
     """Analytic MACs per image by stage (see module docstring). `tokens_short` may be a float (a mean)."""
     c = config
+    if c.family != "drip":
+        if tokens_short is not None:
+            raise ValueError(f"family {c.family!r}: token counts come from the config, tokens_short must be None")
+        if c.family not in FAMILY_MACS:
+            raise KeyError(f"no MAC formula for family {c.family!r}; valid: drip, {', '.join(sorted(FAMILY_MACS))}")
+        out = FAMILY_MACS[c.family](c)
+        out["total"] = sum(v for k, v in out.items() if not k.startswith("tokens"))
+        return out
     L, D, n_cls = c.num_patches, c.hidden_size, int(c.class_token)
     H = int(D * c.mlp_ratio)
 
@@ -136,6 +170,11 @@ def counted_macs(model, image_size: Optional[int] = None, tokens_short: Optional
     the same S as `analytic_macs`. ViT: a plain forward (tokens_short must be None or L)."""
     c = model.config
     x = _dummy_pixels(model, image_size)
+    if c.family != "drip":  # token counts are fixed by the config in eval mode
+        if tokens_short is not None:
+            raise ValueError(f"family {c.family!r}: token counts come from the config, tokens_short must be None")
+        macs, _ = count_forward_macs(model, x)
+        return float(macs)
     if not c.is_drip:
         if tokens_short is not None and tokens_short != c.num_patches:
             raise ValueError(f"a plain ViT keeps every patch: tokens_short must be None or {c.num_patches}")
@@ -156,12 +195,12 @@ def _load_pixels(model, specs: Sequence[str]) -> list[torch.Tensor]:
 
 
 def build_model(preset: str, image_size: Optional[int] = None, seed: int = 0):
-    """A random-init model of a preset (MACs do not depend on weights; boundaries on real images do)."""
-    from .model import DripVisionModel
+    """A random-init model of a preset, of its family (MACs do not depend on weights; tokens on real images do)."""
+    from .families import create_model
 
     torch.manual_seed(seed)
     overrides = {"image_size": image_size} if image_size else {}
-    return DripVisionModel.from_preset(preset, **overrides).eval()
+    return create_model(preset, **overrides).eval()
 
 
 def report(preset: str, image_size: Optional[int] = None, images: Sequence[str] = (),
@@ -169,7 +208,12 @@ def report(preset: str, image_size: Optional[int] = None, images: Sequence[str] 
     """One row: analytic and counted MACs per image (mean over `images` when given, with real boundaries)."""
     model = model if model is not None else build_model(preset, image_size, seed)
     c = model.config
-    if images:
+    if c.family != "drip":
+        if images or tokens_short is not None:
+            raise ValueError(f"family {c.family!r}: --images / --tokens-short apply to DRIP only")
+        breakdown = macs_breakdown(c)
+        a, m, S = breakdown["total"], counted_macs(model), breakdown["tokens_out"]
+    elif images:
         analytic, counted, tokens = [], [], []
         for x in _load_pixels(model, images):
             macs, n = count_forward_macs(model, x)
@@ -182,7 +226,7 @@ def report(preset: str, image_size: Optional[int] = None, images: Sequence[str] 
         S = tokens_short if tokens_short is not None else default_tokens_short(c)
         a = analytic_macs(c, S if c.is_drip else None)
         m = counted_macs(model, tokens_short=S if c.is_drip else None)
-    vit = analytic_macs(DripVisionConfig(**{**c.to_dict(), "compression": 1.0}))
+    vit = analytic_macs(DripVisionConfig(**{**c.to_dict(), "compression": 1.0, "family": "drip"}))
     return {
         "preset": preset, "image_size": c.image_size,
         "gmacs_analytic": a / 1e9, "gmacs_counted": m / 1e9, "rel_diff": abs(a - m) / m,
@@ -257,8 +301,8 @@ def _preset_order(name: str):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m drip_llava.vision.flops", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", help=f"one of: {', '.join(list_presets())}")
-    ap.add_argument("--all", action="store_true", help="table for every preset")
+    ap.add_argument("--preset", help=f"one of: {', '.join(list_presets(None))}")
+    ap.add_argument("--all", action="store_true", help="table for every preset of every family")
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--images", nargs="+", default=(), metavar="PATH",
                     help="image files or example:NAME; tokens_short = mean real segment count (eval mode)")
@@ -269,14 +313,14 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if not (args.preset or args.all or args.plot):
         ap.error("give --preset NAME, --all, or --plot PNG")
-    if args.preset and args.preset not in list_presets():
-        ap.error(f"unknown preset {args.preset!r}; valid: {', '.join(list_presets())}")
+    if args.preset and args.preset not in list_presets(None):
+        ap.error(f"unknown preset {args.preset!r}; valid: {', '.join(list_presets(None))}")
     return args
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    names = sorted(list_presets(), key=_preset_order) if args.all else ([args.preset] if args.preset else [])
+    names = sorted(list_presets(None), key=_preset_order) if args.all else ([args.preset] if args.preset else [])
     rows = []
     if names:
         from tqdm import tqdm

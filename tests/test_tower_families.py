@@ -1,0 +1,140 @@
+"""Tower families (drip_llava.vision.families): the registry, and per family the properties DRIP's tests check
+(batch invariance in eval, every parameter used, FLOPs exact, the auxiliary loss reaching its target)."""
+import pytest
+import torch
+
+from drip_llava.vision import DripVisionConfig, DripVisionModel, flops, get_preset_config, list_presets
+from drip_llava.vision.families import create_model, from_pretrained, get_family, list_families
+
+TINY = [p for p in list_presets(None) if "tiny" in p and get_preset_config(p).family != "drip"]
+
+
+def images(n, size=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+def _model(spec, **kw):
+    torch.manual_seed(0)
+    return create_model(spec, **kw)
+
+
+# ---- registry -----------------------------------------------------------------------------------
+def test_registry_and_presets():
+    assert {"drip", "tome"} <= set(list_families())
+    assert get_family("drip") is DripVisionModel
+    with pytest.raises(KeyError, match="tome"):
+        get_family("tokenlearner")
+    # DRIP / ViT presets: listed by default, same class, family recorded
+    assert all(get_preset_config(p).family == "drip" for p in list_presets())
+    assert "tome-tiny-16-r8" not in list_presets() and "tome-tiny-16-r8" in list_presets(None)
+    assert type(get_preset_config("drip-tiny-16-4x")) is DripVisionConfig
+    assert type(create_model("drip-tiny-16-4x")) is DripVisionModel
+    for name in list_presets(None):
+        cfg = get_preset_config(name)
+        assert type(cfg) is get_family(cfg.family).config_class
+    with pytest.raises(ValueError, match="family 'tome'"):
+        DripVisionConfig(family="tome")
+
+
+def test_saved_drip_config_without_family_loads_as_drip(tmp_path):
+    m = _model("drip-tiny-16-4x")
+    m.save_pretrained(tmp_path)
+    cfg = (tmp_path / "config.json").read_text()
+    (tmp_path / "config.json").write_text(cfg.replace('"family": "drip",', ""))
+    assert '"family"' not in (tmp_path / "config.json").read_text()
+    assert type(from_pretrained(tmp_path)) is DripVisionModel
+    assert DripVisionModel.from_pretrained(tmp_path).config.family == "drip"
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_every_tiny_family_preset_forward_backward_uses_every_parameter(preset, tmp_path):
+    m = _model(preset).train()
+    out = m(images(3))
+    B, S, D = out.features.shape
+    assert (B, D) == (3, m.config.hidden_size) and out.mask.shape == (3, S)
+    assert out.pooled.shape == (3, m.config.embed_dim) and torch.equal(out.mask.sum(1), out.num_tokens)
+    assert out.patch_token.shape == out.patch_depth.shape == (3, m.config.num_patches)
+    assert torch.isfinite(out.features).all() and torch.isfinite(out.rate_loss)
+    (out.pooled.square().mean() + out.rate_loss).backward()
+    unused = [n for n, p in m.named_parameters() if p.grad is None]
+    assert not unused, f"parameters without gradient (DDP would fail): {unused}"
+    # save / load keeps the family
+    m.eval().save_pretrained(tmp_path)
+    m2 = from_pretrained(tmp_path).eval()
+    assert type(m2) is type(m)
+    with torch.no_grad():
+        assert torch.equal(m(images(2)).pooled, m2(images(2)).pooled)
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_eval_is_batch_invariant(preset):
+    m = _model(preset).eval()
+    x = images(4)
+    with torch.no_grad():
+        batch = m(x)
+        for i in range(4):
+            alone = m(x[i:i + 1])
+            n = int(alone.num_tokens)
+            assert n == int(batch.num_tokens[i])
+            assert torch.equal(alone.patch_token[0], batch.patch_token[i])
+            assert (alone.features[0, :n] - batch.features[i, :n]).abs().max() <= 1e-5
+            assert (alone.pooled[0] - batch.pooled[i]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_analytic_macs_match_flop_counter(preset):
+    m = _model(preset).eval()
+    a, counted = flops.analytic_macs(m.config), flops.counted_macs(m)
+    assert counted == pytest.approx(a, rel=0.01)
+    vit = flops.analytic_macs(get_preset_config("vit-tiny-16"))
+    assert a < vit
+
+
+# ---- ToMe ---------------------------------------------------------------------------------------
+def test_tome_r0_is_the_plain_vit_exactly():
+    vit = _model("vit-tiny-16").eval()
+    tome = create_model(vit.config.to_dict(), family="tome", merge_r=0).eval()
+    tome.load_state_dict(vit.state_dict(), strict=True)
+    x = images(2)
+    with torch.no_grad():
+        a, b = vit(x, output_hidden_states=True), tome(x, output_hidden_states=True)
+    assert torch.equal(a.features, b.features) and torch.equal(a.pooled, b.pooled)
+    assert all(torch.equal(h, g) for h, g in zip(a.hidden_states, b.hidden_states))
+    assert torch.equal(b.patch_token[0], torch.arange(64))
+
+
+def test_tome_merges_r_per_block_and_tracks_sizes():
+    m = _model("tome-tiny-16-r8").eval()
+    with torch.no_grad():
+        out = m(images(2), output_hidden_states=True)
+    assert [h.shape[1] for h in out.hidden_states] == [65, 57, 49, 41, 33, 25, 17]
+    assert out.features.shape[1] == m.config.max_tokens == 16 and out.mask.all()
+    for i in range(2):  # every output token holds >= 1 patch, every patch is in exactly one token
+        sizes = torch.bincount(out.patch_token[i], minlength=16)
+        assert sizes.sum() == 64 and (sizes >= 1).all()
+    # a per-block schedule and r clipped to what bipartite matching allows
+    cfg = get_preset_config("tome-tiny-16-r8", merge_r=[40, 40, 0, 0, 0, 0])
+    assert [r for _, r in cfg.merge_schedule()] == [32, 16, 0, 0, 0, 0] and cfg.max_tokens == 16
+    with pytest.raises(ValueError, match="one entry per block"):
+        get_preset_config("tome-tiny-16-r8", merge_r=[1, 2])
+
+
+def test_tome_runs_on_a_trained_vit_folder_without_training(tmp_path):
+    vit = _model("vit-tiny-16").eval()
+    vit.save_pretrained(tmp_path)
+    tome = from_pretrained(tmp_path, family="tome", merge_r=4).eval()
+    assert tome.config.family == "tome" and tome.config.merge_r == 4
+    assert all(torch.equal(p, q) for p, q in zip(vit.state_dict().values(), tome.state_dict().values()))
+    x = images(2)
+    with torch.no_grad():
+        full, merged = vit(x), tome(x)
+    assert merged.features.shape[1] == 64 - 6 * 4
+    cos = torch.nn.functional.cosine_similarity(full.pooled, merged.pooled)
+    assert (cos > 0.5).all()  # merging similar tokens keeps the embedding close
+
+
+def test_tome_proportional_attention_and_mean_pool_flops():
+    for kw in ({"proportional_attention": False}, {"pool": "mean", "class_token": False}, {"merge_r": [0, 16, 0, 8, 8, 0]}):
+        m = _model("tome-tiny-16-r8", **kw).eval()
+        assert flops.counted_macs(m) == pytest.approx(flops.analytic_macs(m.config), rel=0.01)
