@@ -18,8 +18,8 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from drip_llava.model.vision_tower import DripVisionTower, build_vision_tower
 from drip_demo.synthetic import COLOURS, POSITIONS, SHAPES, make_sample
+from drip_llava.model.vision_tower import DripVisionTower, build_vision_tower
 
 ATTRIBUTES = {  # name -> (number of classes, label from a scene record)
     "colour": (len(COLOURS), lambda r: list(COLOURS).index(r["objects"][0]["colour"])),

@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 
 from drip_demo.synthetic import shard_spec
+from drip_llava.jsonl import read_jsonl
 from vision_pretrain import clip
-from vision_pretrain.runlog import read_jsonl, summarize_clip_run
+from vision_pretrain.runlog import summarize_clip_run
 
 
 def run_preset(preset: str, args, run: Path) -> dict:

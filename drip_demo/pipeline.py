@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from drip_llava.distributed import free_port
+from drip_llava.jsonl import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -179,8 +180,8 @@ class Demo:
                           "--n-warmup", b.n_warmup_records, "--sqa-mix", b.sqa_mix])
 
     def clip(self):
-        from vision_pretrain.runlog import summarize_clip_run
         from drip_demo.synthetic import shard_spec
+        from vision_pretrain.runlog import summarize_clip_run
 
         b = self.b
         for preset in CLIP_MODELS:
@@ -296,7 +297,8 @@ class Demo:
                    MASTER_PORT=str(free_port()),
                    DS_CONFIG=str(ROOT / "scripts" / "zero2.json"), PER_DEVICE_BATCH=str(b.llava_batch),
                    GLOBAL_BATCH=str(2 * b.llava_batch), MAX_STEPS=str(b.stage2_steps),
-                   SAVE_STEPS=str(max(10, b.stage2_steps // 2)), LR=str(b.stage2_lr), MM_PROJECTOR_LR=str(b.stage1_lr / 5),
+                   SAVE_STEPS=str(max(10, b.stage2_steps // 2)), LR=str(b.stage2_lr),
+                   MM_PROJECTOR_LR=str(b.stage1_lr / 5),
                    LORA_R=str(b.lora_r), LORA_ALPHA=str(2 * b.lora_r), LORA_DROPOUT="0", MODEL_MAX_LENGTH="384",
                    NUM_WORKERS="0", GRAD_CKPT="False", PYTHON=PY, DEEPSPEED=str(BIN / "deepspeed"))
         if self.precision is not None:
@@ -338,7 +340,8 @@ class Demo:
         # does each LLaVA stage read the image? answer loss on held-out conversations, right vs wrong image
         image_use = {stage: [PY, "-m", "drip_llava.eval.image_use", "--model-path", self.out / stage,
                              "--model-base", self.llm_dir, "--data-path", self.data / "llava" / data,
-                             "--image-folder", self.data / "imagefolder", "--n", self.b.n_image_use, "--batch-size", "8",
+                             "--image-folder", self.data / "imagefolder", "--n", self.b.n_image_use,
+                             "--batch-size", "8",
                              *dtype,
                              "--json", ev / f"image_use_{stage}.json"]
                      for stage, data in (("stage1", "val_pretrain.json"), ("stage2", "val_instruct.json"))
@@ -407,7 +410,7 @@ def timed(fn, *args) -> float:
 def summarize_hf_log(out: Path) -> dict:
     """Loss curve from the trainer's metrics.jsonl (first/last, and every record for the plot)."""
     path = out / "metrics.jsonl"
-    recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    recs = read_jsonl(path) if path.exists() else []
     losses = [(r.get("step"), r["loss"]) for r in recs if "loss" in r]
     tps = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r]
     return {"losses": losses, "tokens_per_s": sum(tps) / len(tps) if tps else None}
@@ -444,8 +447,7 @@ def read_sqa_result(path: Path, scored: Path, sqa_dir: Path) -> dict:
     types = question_types(sqa_dir)
     chance = sum(1 / len(problems[p]["choices"]) for p in test) / len(test)
     by_type: dict[str, list] = {}
-    for line in scored.read_text().splitlines():
-        rec = json.loads(line)
+    for rec in read_jsonl(scored):
         pid = str(rec["question_id"])
         row = by_type.setdefault(types[pid], [0, 0, 0.0])  # correct, count, summed chance
         row[0] += bool(rec["correct"])
@@ -460,8 +462,8 @@ def image_test(ev: Path, sqa_dir: Path, decisive: bool) -> dict:
     """Does the model read the image? Exact McNemar on per-problem correctness with the image vs blank, over the
     problems that have one (text-only problems get the same input in both runs), by likelihood (the verdict) and
     by letter (its subset; information), overall, per question type and per attribute it needs."""
-    from drip_llava.eval import paired as pt
     from drip_demo.synthetic_questions import SQA_ATTRIBUTE
+    from drip_llava.eval import paired as pt
 
     types = question_types(sqa_dir)
     out = {"alpha": ALPHA, "decisive": decisive}
@@ -477,13 +479,11 @@ def image_test(ev: Path, sqa_dir: Path, decisive: bool) -> dict:
 
 def exact_match(qfile: Path, afile: Path) -> dict:
     gold = {}
-    for l in qfile.read_text().splitlines():
-        q = json.loads(l)
+    for q in read_jsonl(qfile):
         gold[q["question_id"]] = str(q["answer"])
     norm = lambda s: s.strip().lower().rstrip(".").strip()  # noqa: E731
     hits = n = 0
-    for l in afile.read_text().splitlines():
-        a = json.loads(l)
+    for a in read_jsonl(afile):
         if a["question_id"] in gold:
             n += 1
             hits += norm(a["text"]) == norm(gold[a["question_id"]])

@@ -53,13 +53,13 @@ def _median_time(fn, repeats: int) -> float:
 def run(args) -> list[dict]:
     from transformers import AutoTokenizer
 
+    from drip_demo.embedded_llm import prepare_embedded_llm
     from drip_llava.constants import DEFAULT_IMAGE_TOKEN
     from drip_llava.data.conversation import tokenizer_image_token
-    from drip_demo.embedded_llm import prepare_embedded_llm
     from drip_llava.model.llava_llama import DripLlavaForCausalLM
-    from drip_llava.model.vision_tower import load_drip_model
     from drip_llava.vision.calibrate import calibrate_boundary_bias
     from drip_llava.vision.images import load_image
+    from drip_llava.vision.spec import load_drip_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,10 +88,10 @@ def run(args) -> list[dict]:
         tower_s, prefill_s = [], []
         for i in range(len(pil)):
             one = pixels[i:i + 1]
-            tower_s.append(_median_time(lambda: model.encode_images(one), args.repeats))
+            tower_s.append(_median_time(lambda one=one: model.encode_images(one), args.repeats))
             embeds, mask, pos, _ = model.prepare_inputs_labels_for_multimodal(ids, None, None, one)
-            prefill_s.append(_median_time(lambda: model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                                                        use_cache=True, logits_to_keep=1), args.repeats))
+            prefill_s.append(_median_time(lambda e=embeds, m=mask, p=pos: model(
+                inputs_embeds=e, attention_mask=m, position_ids=p, use_cache=True, logits_to_keep=1), args.repeats))
         c = drip.config
         rows.append({
             "tower": spec, "compression": c.compression, "patches": c.num_patches,

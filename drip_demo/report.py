@@ -27,7 +27,8 @@ def clip_table(clip_results: dict) -> list[str]:
     for name, r in clip_results.items():
         rows.append(f"| {name} | {_fmt(_pct(r.get('zeroshot_top1')))} | {_fmt(_pct(r.get('zeroshot_top5')))} | "
                     f"{_fmt(r.get('eval_tokens_per_img'))} | {_fmt(r.get('train_boundary_rate'), 3)} | "
-                    f"{_fmt(r.get('target_rate'), 3)} | {_fmt(r.get('gmacs'), 3)} | {_fmt(r.get('avg_step_time'), 2)} |")
+                    f"{_fmt(r.get('target_rate'), 3)} | {_fmt(r.get('gmacs'), 3)} | "
+                    f"{_fmt(r.get('avg_step_time'), 2)} |")
     return rows
 
 
@@ -45,7 +46,7 @@ def plot_curves(results: dict, path: Path):
     for ax, stage, title in ((axes[1], "stage1", "LLaVA stage 1 (projector)"),
                              (axes[2], "stage2", "LLaVA stage 2 (LoRA)")):
         losses = results.get(stage, {}).get("losses", [])
-        ax.plot([s for s, _ in losses], [l for _, l in losses], color="C3")
+        ax.plot([s for s, _ in losses], [loss for _, loss in losses], color="C3")
         ax.set(title=title, xlabel="step", ylabel="loss")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -144,8 +145,8 @@ def _pair_cells(r: dict | None) -> str:
 def eval_section(results: dict, budget: dict) -> list[str]:
     """Section 4: the verdict on image use (likelihood, exact McNemar), the protocols side by side, and the per-type
     table with which types the LLaVA tower can see."""
-    from drip_llava.eval.paired import combine
     from drip_demo.synthetic_questions import SQA_ATTRIBUTE, SQA_MIXES
+    from drip_llava.eval.paired import combine
 
     sqa, ranked, test = (results.get(k) or {} for k in ("scienceqa", "scienceqa_ranked", "image_test"))
     if not (sqa or ranked):
@@ -160,7 +161,7 @@ def eval_section(results: dict, budget: dict) -> list[str]:
     runs = 2 * (n_all + n_letter) if n_all and n_letter else None
     mix = budget.get("sqa_mix", "uniform")
     weights = SQA_MIXES.get(mix)
-    L += [f"Primary protocol: likelihood (`python -m drip_llava.eval.rank_choices`): each option is scored as a "
+    L += ["Primary protocol: likelihood (`python -m drip_llava.eval.rank_choices`): each option is scored as a "
           "short answer by its mean log-probability per token and the most probable one is the answer, the cloze "
           "formulation sub-1B language models are evaluated with (lm-evaluation-harness, OLMES). LLaVA's letter "
           "protocol (`python -m drip_llava.eval.generate`, the model writes a letter) is reported beside it. Both go "
@@ -304,7 +305,8 @@ def write_report(out: Path, results: dict, budget: dict, quick: bool):
 
     if prefill:
         L += ["## 5. Efficiency: visual tokens and LLM prefill", "",
-              "| tower | visual tokens mean [min-max] | tower ms | prefill ms | prefill vs ViT |", "|---|---|---|---|---|"]
+              "| tower | visual tokens mean [min-max] | tower ms | prefill ms | prefill vs ViT |",
+              "|---|---|---|---|---|"]
         base = prefill[0]["prefill_ms"]
         for r in prefill:
             name = Path(r["tower"]).parent.name if "/" in r["tower"] else r["tower"]

@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import random
 
-from drip_llava.constants import MC_ANSWER_PROMPT, SHORT_ANSWER_PROMPT
 from drip_demo.synthetic import (
-    CLASSNAMES, COLOURS, POSITIONS, SHAPES, SIZES, item_rng, sample_scene,
+    CLASSNAMES,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    item_rng,
+    sample_scene,
 )
+from drip_llava.constants import MC_ANSWER_PROMPT, SHORT_ANSWER_PROMPT
 
 MC_SUFFIX, SHORT_SUFFIX = MC_ANSWER_PROMPT, SHORT_ANSWER_PROMPT  # LLaVA-1.5's answer-format lines
 LETTERS = "ABCDE"

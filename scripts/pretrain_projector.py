@@ -7,9 +7,9 @@
 
 LLaVA-1.5's stage-1 settings are the defaults here (any flag given on the command line wins): template plain,
 --tune_mm_mlp_adapter, lr 1e-3, weight decay 0, warmup 3%, cosine, 1 epoch, model_max_length 2048, projector
-mlp2x_gelu from block -2, lazy tokenization, gradient checkpointing, 4 loader workers, bf16 where the GPU has
-it (fp32 on CPU, with use_cpu), a checkpoint every 10% of the run (LLaVA's save_steps 24000 is past the end of
-its 2,180-step epoch). Output:
+mlp2x_gelu from block -2, lazy tokenization, gradient checkpointing, 4 loader workers, and the trainer's
+precision policy (drip_llava.runtime: bf16 where the GPU has it, fp32 on CPU with use_cpu), a checkpoint every
+10% of the run (LLaVA's save_steps 24000 is past the end of its 2,180-step epoch). Output:
 OUT/mm_projector.safetensors + OUT/config.json + OUT/vision_tower/, which load with
 `load_pretrained_model(OUT, model_base=LLM_DIR)` and feed stage 2 via --pretrain_mm_mlp_adapter.
 Also `python scripts/pretrain_projector.py ...` (one process, no DeepSpeed). All flags: --help.
@@ -38,35 +38,14 @@ STAGE1_DEFAULTS = [
 ]
 
 
-def device_defaults() -> list[str]:
-    """bf16 on GPUs that have it, fp16 on older GPUs; fp32 + use_cpu on CPU (DeepSpeed refuses fp16 there)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return ["--bf16", "True"] if torch.cuda.is_bf16_supported() else ["--fp16", "True"]
-    return ["--use_cpu", "True"]
-
-
-def split_cpu_threads() -> None:
-    """Several ranks per machine: give each its share of the cores, as torchrun does, BEFORE torch loads OpenMP
-    (its idle threads spin after every parallel region; with all cores per rank the ranks starve each other:
-    measured 10x slower forward passes under ZeRO-2 on 2 CPU cores). An explicit OMP_NUM_THREADS wins."""
-    import os
-
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
-    if local > 1 and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local))
-
-
 def main(argv=None):
-    split_cpu_threads()
+    from drip_llava.runtime import split_cpu_threads
+
+    split_cpu_threads()  # before torch loads OpenMP
     from drip_llava.train.train import main as train_main
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    given = {a.split("=")[0] for a in argv if a.startswith("--")}
-    # precision flags only when the user chose none (--bf16 False alone must not be overridden by --fp16 True)
-    device = [] if given & {"--bf16", "--fp16", "--use_cpu"} else device_defaults()
-    return train_main(STAGE1_DEFAULTS + device + argv)
+    # precision and --use_cpu: the trainer's policy (drip_llava.runtime), flags given here win
+    return train_main(STAGE1_DEFAULTS + list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

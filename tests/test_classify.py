@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from drip_llava.jsonl import read_jsonl
 from drip_llava.vision import DripVisionModel
 from vision_pretrain import classify, lr_find
 from vision_pretrain.checkpoint import list_checkpoints
 from vision_pretrain.data import load_classnames
-from vision_pretrain.runlog import read_jsonl
 
 MICRO = dict(image_size=64, patch_size=8, hidden_size=64, depth=3, num_heads=2, n_pre=1, embed_dim=32)
 MICRO_ARGS = ["--vision-override"] + [f"{k}={v}" for k, v in MICRO.items()]

@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_model
 
+from drip_demo.synthetic import generate
+from drip_llava.jsonl import read_jsonl
 from drip_llava.vision import DripVisionModel
 from vision_pretrain import clip, zeroshot
 from vision_pretrain.checkpoint import list_checkpoints
 from vision_pretrain.clip_model import DripCLIP, build_tokenizer, get_text_config
 from vision_pretrain.data import ClipShardStream, clip_loader
-from vision_pretrain.runlog import read_jsonl
-from drip_demo.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
 # a micro DRIP-4x tower: 64 px, patch 8 (64 patches), 3 blocks of width 64
@@ -87,7 +87,8 @@ def test_clip_trains_logs_and_exports(shapes, tmp_path):
     assert res["zeroshot_top1"] == pytest.approx(epochs[-1]["zeroshot_top1"])
     assert res["zeroshot_tokens_per_img"] == pytest.approx(epochs[-1]["zeroshot_tokens_per_img"])
     res2 = zeroshot.main(["--model", str(run / "vision_tower"), "--text-model-from", str(run),
-                          "--data", str(shapes / "imagefolder" / "val"), "--classnames", str(shapes / "classnames.json")])
+                          "--data", str(shapes / "imagefolder" / "val"),
+                          "--classnames", str(shapes / "classnames.json")])
     assert res2 == res
 
 

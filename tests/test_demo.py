@@ -125,7 +125,8 @@ def test_quick_demo_runs_every_stage_and_learns(tmp_path):
     for name in clip:
         assert 0 <= clip[name]["zeroshot_top1"] <= 1
     # DRIP-4x (the LLaVA tower) leaves the ln(batch) plateau within the QUICK budget (9.3-9.75% measured,
-    # chance 2.5%; docs/results.md); ViT-tiny leaves it later (python -m drip_demo.compare_clip), so QUICK only reports it
+    # chance 2.5%; docs/results.md); ViT-tiny leaves it later (python -m drip_demo.compare_clip), so QUICK only
+    # reports it
     assert clip["drip-tiny-16-4x"]["zeroshot_top1"] >= 2 * 0.025, clip["drip-tiny-16-4x"]
     # achieved boundary rates near the targets (train, Gumbel) and fewer eval tokens for DRIP than ViT
     for name, target in (("drip-tiny-16-4x", 0.25), ("drip-tiny-16-10x", 0.1)):
@@ -144,10 +145,10 @@ def test_quick_demo_runs_every_stage_and_learns(tmp_path):
     # stage 1 (a few steps of batch 8) is within its noise in the QUICK budget: it must run and save the projector
     # (tests/test_llava_train.py shows its loss falling); stage 2 learns the answer format fast
     b = r["budget"]
-    s1 = [l for _, l in r["stage1"]["losses"]]
-    assert len(s1) == b["stage1_steps"] and all(0 < l < 20 for l in s1)
+    s1 = [loss for _, loss in r["stage1"]["losses"]]
+    assert len(s1) == b["stage1_steps"] and all(0 < loss < 20 for loss in s1)
     assert (out / "stage1" / "mm_projector.safetensors").exists()
-    s2 = [l for _, l in r["stage2"]["losses"]]
+    s2 = [loss for _, loss in r["stage2"]["losses"]]
     assert mean(s2[-4:]) < 0.8 * mean(s2[:4]), s2
     # ScienceQA-format MC through the real scorer, with the image and with a blank control: by likelihood on the
     # n_eval image problems plus ~1/9 text-only ones, by letter on a subset of them

@@ -8,6 +8,7 @@ import torch
 
 from drip_llava.eval import efficiency, generate
 from drip_llava.eval.generate import get_chunk, load_answered
+from drip_llava.jsonl import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "camera"]
@@ -81,7 +82,7 @@ def _args(model, images, qfile, answers, *extra):
 
 
 def _read(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 @pytest.fixture(scope="module")

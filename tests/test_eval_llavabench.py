@@ -12,6 +12,7 @@ import pytest
 from drip_llava.eval import llavabench
 from drip_llava.eval.judge import JudgeClient, JudgeError, chat_completions_url
 from drip_llava.eval.llavabench import context_text, parse_score, summarize
+from drip_llava.jsonl import read_jsonl
 
 QUESTION_RE = re.compile(r"\[Question\]\n(.*?)\n\n\[Assistant 1\]", re.S)
 
@@ -128,7 +129,7 @@ def review_args(d, url, out, *extra):
 
 
 def read_reviews(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def test_parse_score():
@@ -269,7 +270,7 @@ def test_client_gives_up_after_retries():
 
 def test_missing_answers_skipped_and_counted(bench, tmp_path, capsys):
     lines = (bench / "answers.jsonl").read_text().splitlines()
-    (bench / "answers.jsonl").write_text("".join(l + "\n" for l in lines if '"question_id": "5"' not in l))
+    (bench / "answers.jsonl").write_text("".join(x + "\n" for x in lines if '"question_id": "5"' not in x))
     out = tmp_path / "review.jsonl"
     with JudgeServer(default_reply="5 5") as srv:
         assert llavabench.main(review_args(bench, srv.url, out)) == 0

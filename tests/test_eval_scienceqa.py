@@ -7,6 +7,7 @@ import pytest
 
 from drip_llava.eval import scienceqa
 from drip_llava.eval.scienceqa import answer_index, parse_answer
+from drip_llava.jsonl import read_jsonl
 
 PROBLEMS = {
     # image + hint, natural science, grade 4: IMG and TXT
@@ -75,7 +76,7 @@ def test_letter_outside_choices_is_wrong():
 def test_convert_cqm_a(base_dir, tmp_path):
     out = tmp_path / "q.jsonl"
     assert scienceqa.main(["convert", "--base-dir", str(base_dir), "--split", "test", "--out", str(out)]) == 0
-    qs = [json.loads(line) for line in out.read_text().splitlines()]
+    qs = read_jsonl(out)
     assert [q["question_id"] for q in qs] == SPLITS["test"]
     q1 = qs[0]
     assert q1["image"] == "1/image.png"

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
-from drip_llava.model.vision_tower import build_vision_tower, load_drip_model
+from drip_llava.model.vision_tower import build_vision_tower
 from drip_llava.vision import DripVisionModel
+from drip_llava.vision.spec import load_drip_model
 
 VISION = dict(hidden_size=32, intermediate_size=80, num_hidden_layers=3, num_attention_heads=2, image_size=32,
               patch_size=8, projection_dim=16)

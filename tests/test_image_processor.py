@@ -8,9 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from drip_llava.data.image_processor import (PROCESSOR_FILE, DripLlavaImageProcessor, load_image_processor,
-                                             llava_pad_color)
-from drip_llava.vision import DripVisionModel, get_preset_config
+from drip_llava.data.image_processor import (
+    PROCESSOR_FILE,
+    DripLlavaImageProcessor,
+    llava_pad_color,
+    load_image_processor,
+)
+from drip_llava.vision import DripVisionModel
 
 W, H = 80, 40  # stored size; EXIF orientation 6 displays it rotated: 40 wide, 80 high
 
@@ -141,8 +145,8 @@ def test_same_pixels_in_training_serving_and_every_eval(tiny_llm_dir, tiny_drip_
     """Stage 1 trained with --image_aspect_ratio pad on a rotated RGBA image saves its processor; the chat engine,
     eval.generate, eval.rank_choices and eval.image_use then feed the model the very same tensor."""
     from drip_llava.eval import generate, image_use, rank_choices
-    from drip_llava.model import load_pretrained_model
     from drip_llava.inference import ChatEngine, GenerationSettings
+    from drip_llava.model import load_pretrained_model
     from drip_llava.train.train import main as train
 
     images = tmp_path / "images"

@@ -7,10 +7,24 @@ import torch
 from PIL import Image
 
 from drip_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from drip_llava.data import (BadSampleError, ConversationTemplate, DataCollatorForSupervisedDataset, ImageLoader,
-                             LazySupervisedDataset, Rendered, TokenizationMismatch, VisualTokenBudget, build_prompt,
-                             compute_image_token_counts, get_template, list_templates, normalize_messages,
-                             place_image, tokenize_conversation, tokenizer_image_token)
+from drip_llava.data import (
+    BadSampleError,
+    ConversationTemplate,
+    DataCollatorForSupervisedDataset,
+    ImageLoader,
+    LazySupervisedDataset,
+    Rendered,
+    TokenizationMismatch,
+    VisualTokenBudget,
+    build_prompt,
+    compute_image_token_counts,
+    get_template,
+    list_templates,
+    normalize_messages,
+    place_image,
+    tokenize_conversation,
+    tokenizer_image_token,
+)
 from drip_llava.data.conversation import ConversationError
 from drip_llava.data.dataset import load_or_compute_counts, tower_fingerprint
 from drip_llava.train.trainer import modality_length_grouped_indices

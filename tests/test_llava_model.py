@@ -8,8 +8,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from drip_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from drip_llava.model import (DripLlavaConfig, DripLlavaForCausalLM, build_projector, build_vision_tower,
-                              detect_checkpoint_kind, list_projectors, load_pretrained_model, register_projector)
+from drip_llava.model import (
+    DripLlavaConfig,
+    DripLlavaForCausalLM,
+    build_projector,
+    build_vision_tower,
+    detect_checkpoint_kind,
+    list_projectors,
+    load_pretrained_model,
+    register_projector,
+)
 from drip_llava.model.projector import load_projector_weights, save_projector
 
 IMG = 128  # drip-tiny-16 image size

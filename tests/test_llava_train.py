@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from drip_llava.distributed import free_port
+from drip_llava.jsonl import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -185,7 +186,7 @@ def test_qlora_keeps_vision_modules_out_of_quantization(tiny_llm_dir, tiny_drip_
 
 
 def read_metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(Path(out) / "metrics.jsonl")
 
 
 def test_main_smoke_stage1_in_process(tiny_llm_dir, tiny_drip_dir, data_dir, tmp_path):

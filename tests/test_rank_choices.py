@@ -11,6 +11,7 @@ from drip_llava.constants import SHORT_ANSWER_PROMPT
 from drip_llava.data.dataset import DataCollatorForSupervisedDataset, ImageLoader, LazySupervisedDataset
 from drip_llava.data.image_processor import DripLlavaImageProcessor
 from drip_llava.eval import rank_choices, scienceqa
+from drip_llava.jsonl import read_jsonl
 from drip_llava.model import DripLlavaForCausalLM
 
 COLOURS = {"Red": (220, 30, 30), "Blue": (35, 65, 225)}
@@ -128,7 +129,7 @@ def test_cli_writes_answers_the_scorer_reads(tiny_llm_dir, tiny_drip_dir, tmp_pa
     rank_choices.main(["--base-dir", str(tmp_path), "--model-path", str(tmp_path / "stage1"), "--model-base",
                        str(tiny_llm_dir), "--answers-file", str(answers), "--conv-mode", "chat_template",
                        "--device", "cpu"])
-    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    rows = read_jsonl(answers)
     assert [r["question_id"] for r in rows] == list(problems)
     assert all(r["text"] in "ABC" for r in rows)
     for r in rows:  # the written letter is the argmax of the scores written beside it

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
+from test_llava_train import REPO, ds_env, read_metrics, run
 
 from drip_llava.distributed import free_port
-from test_llava_train import REPO, ds_env, read_metrics, run
 
 COLOURS = {"red": (220, 30, 30), "blue": (35, 65, 225), "green": (40, 170, 50), "yellow": (245, 225, 30)}
 

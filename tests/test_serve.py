@@ -18,8 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from drip_llava.inference import (ChatEngine, ChatSession, GenerationSettings, ImageRejected, PromptTooLong,
-                                   load_image_safely)
+from drip_llava.inference import (
+    ChatEngine,
+    ChatSession,
+    GenerationSettings,
+    ImageRejected,
+    PromptTooLong,
+    load_image_safely,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "What is in this image?"
@@ -219,7 +225,8 @@ def test_stop_event_and_text_only(engine):
     final = seen[-1]
     assert final.done and final.stopped and final.new_tokens < 20 and final.visual_tokens == 0
     # leaving the generator early stops the worker thread too (and frees the engine lock)
-    gen = engine.stream([{"role": "user", "content": "hi"}], None, GenerationSettings(temperature=0, max_new_tokens=500))
+    gen = engine.stream([{"role": "user", "content": "hi"}], None,
+                        GenerationSettings(temperature=0, max_new_tokens=500))
     next(gen)
     gen.close()
     assert engine._lock.acquire(timeout=5)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from drip_demo import synthetic as sw
 from drip_demo import synthetic_questions as sq
+from drip_llava.jsonl import read_jsonl
 
 N_TRAIN, N_VAL = 80, 48  # >= 40 val images: every class appears in both splits (balanced classes)
 KW = dict(image_size=128, shard_size=30, n_sqa=40, n_bench_images=5, progress=False)
@@ -173,7 +174,7 @@ def test_llava_json(data, records):
                 assert len(a["value"]) == 1 and "ABCDE".index(a["value"]) < n_opts
     assert n_mc >= N_TRAIN // 4
     # Held-out short-answer questions: exact answers recomputable from the scene.
-    rows = [json.loads(line) for line in (out / "llava" / "val_questions.jsonl").read_text().splitlines()]
+    rows = read_jsonl(out / "llava" / "val_questions.jsonl")
     assert len(rows) == N_VAL
     for row in rows:
         rec = records["val"][Path(row["image"]).stem]
@@ -216,7 +217,7 @@ def test_scienceqa(data, records):
     text_only = {pid: p for pid, p in problems.items() if not p["image"]}
     assert len(with_img) == 40 and 3 <= len(text_only) <= 6
     groups = collections.defaultdict(collections.Counter)
-    for pid, p in problems.items():
+    for p in problems.values():
         assert set(p) >= {"question", "choices", "answer", "hint", "image", "split", "subject", "grade", "topic",
                           "category", "skill", "lecture", "solution"}
         assert p["split"] == "test" and 2 <= len(p["choices"]) <= 5 and len(set(p["choices"])) == len(p["choices"])
@@ -266,7 +267,7 @@ def test_scienceqa_readable_mix_weights_question_types():
 def test_llavabench(data):
     out, _ = data
     lb = out / "llavabench"
-    load = lambda name: [json.loads(line) for line in (lb / name).read_text().splitlines()]  # noqa: E731
+    load = lambda name: read_jsonl(lb / name)  # noqa: E731
     qs, refs, ctx = load("questions.jsonl"), load("answers_gpt4.jsonl"), load("context.jsonl")
     assert len(qs) == 15 and len(ctx) == 5
     assert [q["question_id"] for q in qs] == [r["question_id"] for r in refs] == list(range(15))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from .distributed import DistInfo, barrier
+from drip_llava.distributed import DistInfo, barrier
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 REQUIRED = ("model.safetensors", "trainer_state.pt", "rng_rank0.pt")

@@ -3,7 +3,8 @@
   python -m vision_pretrain.classify --mode linear-probe --init RUN --train-dir DIR/imagefolder/train \
       --val-dir DIR/imagefolder/val --epochs 5 --lr 1e-3 --output CLS_RUN
   python -m vision_pretrain.classify --mode scratch --model drip-tiny-16-4x --schedule cosine --warmup 100 ...
-  python -m vision_pretrain.classify --mode finetune --init open_clip:ViT-B-32:laion2b_s34b_b79k --model drip-b-32-4x ...
+  python -m vision_pretrain.classify --mode finetune --init open_clip:ViT-B-32:laion2b_s34b_b79k \\
+      --model drip-b-32-4x ...
 
 The head is one nn.Linear on the tower's pooled embedding (out.pooled). linear-probe freezes the tower and
 keeps it in eval mode (deterministic boundaries); finetune/scratch train everything and add the weighted
@@ -20,14 +21,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_model
 from torch import nn
 
-from drip_llava.distributed import exit_after_main
+from drip_llava.distributed import DistInfo, cleanup, exit_after_main
 from drip_llava.vision import DripVisionModel
 from drip_llava.vision.config import parse_overrides
 
 from .checkpoint import export_atomic
 from .clip import build_vision, gmacs
 from .data import ImageFolderData, build_transform, folder_eval_loader, folder_train_loader, steps_per_epoch_folder
-from .distributed import DistInfo, cleanup
 from .loop import Task, evaluate_topk, fit, start_run
 from .params import ClassifyArgs, ClassifyDataArgs, ClassifyModelArgs, TrainArgs, parse_grouped, to_dict
 

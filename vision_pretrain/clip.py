@@ -23,17 +23,17 @@ import open_clip
 import torch
 from open_clip.loss import ClipLoss
 
-from drip_llava.distributed import exit_after_main
+from drip_llava.distributed import broadcast_object, cleanup, exit_after_main
 from drip_llava.vision import DripVisionModel
 from drip_llava.vision.config import parse_overrides
 from drip_llava.vision.hf_clip_import import is_hf_clip_folder, read_json
 from drip_llava.vision.open_clip_import import create_open_clip
+from drip_llava.vision.spec import OPEN_CLIP_PREFIX, load_drip_model
 
 from . import zeroshot
 from .checkpoint import export_atomic
 from .clip_model import DripCLIP, build_tokenizer, get_text_config, text_init_from_hf_clip, text_init_from_open_clip
 from .data import clip_loader, count_samples, expand_urls
-from .distributed import broadcast_object, cleanup
 from .loop import Task, fit, start_run
 from .params import ClipArgs, ClipDataArgs, ClipModelArgs, TrainArgs, parse_grouped, to_dict
 
@@ -47,18 +47,11 @@ def parse_args(argv=None) -> ClipArgs:
 
 
 def build_vision(name: str | None, init, overrides: dict) -> DripVisionModel:
-    """Preset (random init), a DripVisionModel folder, an HF CLIP folder, open_clip:NAME:TAG or an open_clip model;
-    pretrained ViTs take their shape from the checkpoint and DRIP fields from the preset (when given) + overrides."""
+    """Preset `name` (random init) without `init`; else `init` as drip_llava.vision.spec.load_drip_model reads it,
+    pretrained ViTs taking their shape from the checkpoint and DRIP fields from the preset (when given) + overrides."""
     if init is None:
         return DripVisionModel.from_preset(name or DEFAULT_PRESET, **overrides)
-    if isinstance(init, torch.nn.Module):
-        return DripVisionModel.from_open_clip(init, preset=name, **overrides)
-    if init.startswith("open_clip:"):
-        _, oc_name, tag = init.split(":", 2)
-        return DripVisionModel.from_open_clip((oc_name, tag), preset=name, **overrides)
-    if is_hf_clip_folder(Path(init)):
-        return DripVisionModel.from_hf_clip(init, preset=name, **overrides)
-    return DripVisionModel.from_pretrained(init, **overrides)
+    return load_drip_model(init, preset=name, **overrides)
 
 
 def pretrained_clip(init: str | None, init_text: str):
@@ -68,7 +61,7 @@ def pretrained_clip(init: str | None, init_text: str):
         raise ValueError(f"--init-text {init_text!r}: expected 'auto' or 'none'")
     if init is None:
         return None, None
-    if init.startswith("open_clip:"):
+    if init.startswith(OPEN_CLIP_PREFIX):
         _, oc_name, tag = init.split(":", 2)
         if init_text == "none":
             return init, None

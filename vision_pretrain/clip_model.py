@@ -96,7 +96,8 @@ def text_init_from_hf_clip(folder: str | Path) -> TextInit:
         raise ValueError(f"{folder}: text hidden_act {t.hidden_act!r} has no open_clip equivalent")
     if t.vocab_size != OPENAI_VOCAB or t.layer_norm_eps != 1e-5:
         raise ValueError(f"{folder}: text tower with vocab {t.vocab_size} / layer_norm_eps {t.layer_norm_eps}: only "
-                         f"OpenAI's BPE ({OPENAI_VOCAB} tokens, open_clip's SimpleTokenizer) with eps 1e-5 is supported")
+                         f"OpenAI's BPE ({OPENAI_VOCAB} tokens, open_clip's SimpleTokenizer) with eps 1e-5 "
+                         "is supported")
     text_cfg = dict(context_length=t.max_position_embeddings, vocab_size=t.vocab_size, width=t.hidden_size,
                     heads=t.num_attention_heads, layers=t.num_hidden_layers,
                     mlp_ratio=t.intermediate_size / t.hidden_size, quick_gelu=t.hidden_act == "quick_gelu")

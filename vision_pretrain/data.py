@@ -20,7 +20,7 @@ import tarfile
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 import webdataset as wds
@@ -65,7 +65,7 @@ def count_samples(urls: Sequence[str]) -> int:
             with tarfile.open(url) as tar:
                 total += len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isreg()})
         except (OSError, tarfile.TarError) as e:
-            warnings.warn(f"cannot count samples in shard {url}: {e}")
+            warnings.warn(f"cannot count samples in shard {url}: {e}", stacklevel=2)
     return total
 
 
@@ -83,7 +83,8 @@ def decode_clip_sample(sample: dict, transform: Callable, tokenizer: Callable) -
     name = f"{sample.get('__url__')}:{sample.get('__key__')}"
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
-        raise SampleError("missing_image", f"{name}: no image (keys {sorted(k for k in sample if not k.startswith('__'))})")
+        keys = sorted(k for k in sample if not k.startswith("__"))
+        raise SampleError("missing_image", f"{name}: no image (keys {keys})")
     if CAPTION_KEY not in sample:
         raise SampleError("missing_caption", f"{name}: no {CAPTION_KEY} caption")
     caption = sample[CAPTION_KEY].decode("utf-8", errors="replace").strip()
@@ -130,7 +131,7 @@ class ClipShardStream(IterableDataset):
     def _samples(self, worker: int, skips: Counter):
         def count_shard_error(exn: Exception) -> bool:  # webdataset handler: True = skip and go on
             skips["bad_shard"] += 1
-            warnings.warn(f"skipping unreadable shard data: {exn}")
+            warnings.warn(f"skipping unreadable shard data: {exn}", stacklevel=2)
             return True
 
         n_streams = self.world_size * self.num_workers
@@ -241,7 +242,7 @@ class ImageFolderData(Dataset):
         try:
             image = load_image(_read_bytes(path), path)
         except SampleError as e:
-            warnings.warn(str(e))
+            warnings.warn(str(e), stacklevel=2)
             return None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed_of(self.seed, self.epoch, index))

@@ -23,9 +23,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from drip_llava.distributed import DistInfo, all_gather_fixed, all_reduce_sum, init_distributed
+
 from . import checkpoint as ckpt
 from .data import SKIP_KINDS
-from .distributed import DistInfo, all_gather_fixed, all_reduce_sum, init_distributed
 from .params import TrainArgs, to_dict
 from .runlog import JsonlLogger, peak_memory_mb, reset_peak_memory
 

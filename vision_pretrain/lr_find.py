@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from drip_llava.distributed import pick_device
+
 from .classify import Classifier, build_tower
 from .data import ImageFolderData, build_transform, folder_train_loader, steps_per_epoch_folder
-from .distributed import pick_device
 from .loop import param_groups
 from .params import ClassifyModelArgs
 

@@ -62,8 +62,8 @@ class ClipModelArgs:
     text_model: str = _f("tiny", "text tower config: vision_pretrain/text_configs.json or an open_clip model name")
     text_override: list = _f([], "override text config fields, KEY=VALUE (JSON value), e.g. context_length=64",
                              nargs="*")
-    init_logit_scale: float = _f(math.log(1 / 0.07), "initial log of the logit scale (CLIP: ln(1/0.07)); higher = sharper "
-                                        "softmax from step 1, which shortens the initial ln(batch) plateau")
+    init_logit_scale: float = _f(math.log(1 / 0.07), "initial log of the logit scale (CLIP: ln(1/0.07)); higher "
+                                 "= sharper softmax from step 1, which shortens the initial ln(batch) plateau")
     local_loss: bool = _f(False, "ClipLoss local_loss (each rank's logits against all gathered features)")
     gather_with_grad: bool = _f(False, "ClipLoss gather_with_grad (full gradient through the all_gather)")
 

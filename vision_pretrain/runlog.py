@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from drip_llava.jsonl import read_jsonl
+
 
 class JsonlLogger:
     def __init__(self, path: str | Path, enabled: bool = True):
@@ -51,10 +53,6 @@ class JsonlLogger:
         return dropped
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def _jsonable(x):
     if isinstance(x, torch.Tensor):
         return x.tolist()
@@ -88,7 +86,8 @@ def summarize_clip_run(run: str | Path) -> dict:
     last = epochs[-1] if epochs else {}
     tail = steps[-max(1, len(steps) // 4):]
     return {
-        "steps": [{k: r.get(k) for k in ("step", "loss", "boundary_rate", "tokens_per_img", "step_time")} for r in steps],
+        "steps": [{k: r.get(k) for k in ("step", "loss", "boundary_rate", "tokens_per_img", "step_time")}
+                  for r in steps],
         "zeroshot_top1": last.get("zeroshot_top1"), "zeroshot_top5": last.get("zeroshot_top5"),
         "eval_tokens_per_img": last.get("zeroshot_tokens_per_img"), "gmacs": last.get("gmacs"),
         "avg_step_time": last.get("avg_step_time"),

@@ -15,10 +15,11 @@ from typing import Optional, Sequence
 import open_clip
 import torch
 
+from drip_llava.distributed import DistInfo, pick_device
+
 from .clip_model import DripCLIP, build_tokenizer, resolve_towers
 from .data import ImageFolderData, folder_eval_loader, load_classnames
 from .loop import evaluate_topk
-from .distributed import DistInfo, pick_device
 
 # The synthetic captions read "A picture of a large red circle ...", "There is ...", "An image showing ..."
 SHORT_TEMPLATES = ("a picture of a {}.", "there is a {}.", "an image showing a {}.", "a {}.")
@@ -57,7 +58,8 @@ def evaluate(model: DripCLIP, tokenizer, data_dir: str, classnames_spec: Optiona
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="CLIP run folder or DripVisionModel folder")
-    p.add_argument("--text-model-from", default=None, help="CLIP run folder (or text_tower/) to take the text tower from")
+    p.add_argument("--text-model-from", default=None,
+                   help="CLIP run folder (or text_tower/) to take the text tower from")
     p.add_argument("--data", required=True, help="ImageFolder to classify")
     p.add_argument("--classnames", default=None, help="class names JSON (list or {folder: name}) or 'imagenet'")
     p.add_argument("--templates", default="auto", choices=("auto", "openai", "simple", "short"))

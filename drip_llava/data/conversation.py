@@ -175,7 +175,7 @@ class SeparatorTemplate(ConversationTemplate):
         sep2 = self.stop_str(tokenizer)
         text = (self.system if system is None else system) + self.sep
         targets = []
-        for i, m in enumerate(msgs):
+        for m in msgs:
             if m["role"] == "user":
                 text += f"{self.roles[0]}: {m['content']}{self.sep}"
             else:

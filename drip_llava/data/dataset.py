@@ -25,8 +25,14 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from .conversation import (ConversationError, ConversationTemplate, TokenizationMismatch, get_template,
-                           preprocess_conversation)
+from ..jsonl import read_jsonl
+from .conversation import (
+    ConversationError,
+    ConversationTemplate,
+    TokenizationMismatch,
+    get_template,
+    preprocess_conversation,
+)
 from .image_processor import OPENAI_MEAN, DripLlavaImageProcessor
 
 logger = logging.getLogger(__name__)
@@ -42,10 +48,10 @@ class BadSampleError(ValueError):
 
 def load_llava_json(path: str) -> list[dict]:
     """A LLaVA JSON list, or JSON Lines with one record per line."""
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            records = [json.loads(line) for line in f if line.strip()]
-        else:
+    if path.endswith(".jsonl"):
+        records = read_jsonl(path)
+    else:
+        with open(path, encoding="utf-8") as f:
             records = json.load(f)
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of {{id, image, conversations}} records")

@@ -1,31 +1,14 @@
 """Evaluation: answer generation, LLaVA-Bench (LLM judge) and ScienceQA scoring.
 
-Shared helpers for the LLaVA jsonl files live here so every benchmark pairs records the same way:
+Shared helpers for the LLaVA jsonl files (read with drip_llava.jsonl) live here so every benchmark pairs records
+the same way:
 by ``question_id`` (compared as strings, so 12 and "12" match), never by line order.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a jsonl file; a bad line is an error naming the file and line number."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            records.append(rec)
-    return records
 
 
 def qid_key(question_id) -> str:
@@ -46,8 +29,3 @@ def index_by_question_id(records: Iterable[dict], path: str | os.PathLike, field
         out[key] = rec
     return out
 
-
-def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")

@@ -31,7 +31,8 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
-from drip_llava.eval import qid_key, read_jsonl
+from drip_llava.eval import qid_key
+from drip_llava.jsonl import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +152,14 @@ def main(argv=None) -> dict:
     from tqdm import tqdm
 
     from drip_llava.data.conversation import get_template
-    from drip_llava.inference import (DEFAULT_MAX_PIXELS, ChatEngine, GenerationSettings, ImageRejected,
-                                       configure_pil, default_conv_mode)
+    from drip_llava.inference import (
+        DEFAULT_MAX_PIXELS,
+        ChatEngine,
+        GenerationSettings,
+        ImageRejected,
+        configure_pil,
+        default_conv_mode,
+    )
 
     questions = load_questions(args.question_file)
     chunk = get_chunk(questions, args.num_chunks, args.chunk_idx)

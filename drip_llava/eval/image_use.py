@@ -81,7 +81,12 @@ def image_use(model, dataset, collator, batch_size: int = 16, device: str | torc
 
 
 def main(argv=None) -> dict:
-    from drip_llava.data.dataset import DataCollatorForSupervisedDataset, ImageLoader, LazySupervisedDataset, load_llava_json
+    from drip_llava.data.dataset import (
+        DataCollatorForSupervisedDataset,
+        ImageLoader,
+        LazySupervisedDataset,
+        load_llava_json,
+    )
     from drip_llava.model.builder import load_pretrained_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -109,7 +109,8 @@ class JudgeClient:
                     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                         last_error = f"HTTP 200 without a chat completion in the body: {resp.text[:200]!r}"
                 elif resp.status_code in FATAL_STATUS:
-                    hint = " (set OPENAI_API_KEY?)" if resp.status_code in (401, 403) else " (check the model name / base URL)"
+                    auth = resp.status_code in (401, 403)
+                    hint = " (set OPENAI_API_KEY?)" if auth else " (check the model name / base URL)"
                     raise JudgeFatalError(
                         f"{self.url} answered HTTP {resp.status_code}{hint}: {resp.text[:300]}")
                 elif resp.status_code in RETRY_STATUS:

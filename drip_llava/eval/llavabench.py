@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from drip_llava.eval import index_by_question_id, qid_key, read_jsonl
+from drip_llava.eval import index_by_question_id, qid_key
 from drip_llava.eval.judge import JudgeClient, JudgeError, JudgeFatalError
+from drip_llava.jsonl import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +296,8 @@ def format_table(summary: dict) -> str:
         return "-" if v is None else format(v, fmt)
     rows = ["LLaVA's summarize_gpt_review.py (failed parses as -1, -1): category relative reference*10 model*10"]
     rows += [" ".join(str(x) for x in (k, *v)) for k, v in summary.get("llava", {}).items()]
-    rows += ["", "Failed parses excluded:", f"{'category':<10} {'n':>4} {'failed':>6} {'ref':>6} {'model':>6} {'relative':>8}"]
+    rows += ["", "Failed parses excluded:",
+             f"{'category':<10} {'n':>4} {'failed':>6} {'ref':>6} {'model':>6} {'relative':>8}"]
     items = list(summary["categories"].items()) + [("all", summary["overall"])]
     for name, s in items:
         rows.append(f"{name:<10} {s['n']:>4} {s['parse_errors']:>6} {num(s['mean_reference'], '6.3f'):>6} "

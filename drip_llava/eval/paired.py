@@ -15,7 +15,7 @@ import argparse
 import json
 from math import comb
 
-from drip_llava.eval import read_jsonl
+from drip_llava.jsonl import read_jsonl
 
 ALTERNATIVES = ("two-sided", "greater", "less")
 

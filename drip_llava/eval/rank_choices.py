@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 from drip_llava.constants import IGNORE_INDEX, SHORT_ANSWER_PROMPT
-from drip_llava.eval import write_jsonl
 from drip_llava.eval.scienceqa import OPTIONS, context_text, load_split
+from drip_llava.jsonl import write_jsonl
 
 
 def choice_records(problems: dict, pids: list[str]) -> tuple[list[dict], list[tuple[str, int]]]:
@@ -120,8 +120,8 @@ def rank_choices(model, dataset, owners: list[tuple[str, int]]) -> dict:
 
 def main(argv=None) -> dict:
     from drip_llava.data.dataset import ImageLoader, LazySupervisedDataset
-    from drip_llava.model.builder import load_pretrained_model
     from drip_llava.inference import default_conv_mode
+    from drip_llava.model.builder import load_pretrained_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-dir", required=True, help="folder with problems.json and pid_splits.json")

@@ -27,7 +27,8 @@ import sys
 from collections import Counter
 
 from drip_llava.constants import DEFAULT_IMAGE_TOKEN, MC_ANSWER_PROMPT
-from drip_llava.eval import index_by_question_id, read_jsonl, write_jsonl
+from drip_llava.eval import index_by_question_id
+from drip_llava.jsonl import read_jsonl, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,8 @@ def _acc(correct: int, count: int) -> float | None:
     return correct / count * 100 if count else None
 
 
-def score(problems: dict, pids: list[str], predictions: list[dict], result_path: str = "<predictions>") -> tuple[list[dict], dict]:
+def score(problems: dict, pids: list[str], predictions: list[dict],
+          result_path: str = "<predictions>") -> tuple[list[dict], dict]:
     """Score predictions against a split. Returns (one record per problem, the summary dict: LLaVA's acc / correct /
     count / img_acc / img_correct / img_count / results / outputs, then the project's image_problems, groups and
     counts; see the module docstring)."""

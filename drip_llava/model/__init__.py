@@ -4,8 +4,14 @@ Importing this package registers `drip_llava_llama` with AutoConfig / AutoModelF
 """
 from drip_llava.model.builder import LoadedModel, detect_checkpoint_kind, load_pretrained_model
 from drip_llava.model.llava_llama import DripLlavaConfig, DripLlavaForCausalLM
-from drip_llava.model.projector import (PROJECTOR_FILE, build_projector, list_projectors, load_projector_weights,
-                                        register_projector, save_projector)
+from drip_llava.model.projector import (
+                                        PROJECTOR_FILE,
+                                        build_projector,
+                                        list_projectors,
+                                        load_projector_weights,
+                                        register_projector,
+                                        save_projector,
+)
 from drip_llava.model.vision_tower import DripVisionTower, build_vision_tower
 
 __all__ = [

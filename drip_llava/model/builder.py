@@ -23,19 +23,17 @@ from typing import Any
 import torch
 
 from drip_llava.data.image_processor import load_image_processor
-from drip_llava.model.llava_llama import DripLlavaConfig, DripLlavaForCausalLM
 from drip_llava.model.convert_llava import LLAVA_KINDS, detect_llava_layout, load_llava
+from drip_llava.model.llava_llama import DripLlavaConfig, DripLlavaForCausalLM
 from drip_llava.model.projector import PROJECTOR_FILE
 from drip_llava.vision.hf_clip_import import weight_files
+from drip_llava.vision.spec import architecture_diff
 
 logger = logging.getLogger(__name__)
 
 MODEL_TYPE = DripLlavaConfig.model_type
 NON_QUANTIZED_MODULES = ["mm_projector", "vision_tower", "lm_head"]
 NON_LORA_FILE = "non_lora_trainables.safetensors"
-# Fields that must agree between the tower a checkpoint was trained with and the one we load.
-_TOWER_ARCH_KEYS = ("image_size", "patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "n_pre",
-                    "compression", "class_token", "act", "predictor_ratio", "boundary_threshold")
 
 
 @dataclass
@@ -134,7 +132,7 @@ def _tower_state(cfg: DripLlavaConfig, folder: Path, non_lora: dict[str, torch.T
         if (cand / "config.json").is_file():
             tower = DripVisionModel.from_pretrained(str(cand))
             saved, found = cfg.vision_config, tower.config.to_dict()
-            diff = {k: (saved.get(k), found.get(k)) for k in _TOWER_ARCH_KEYS if saved.get(k) != found.get(k)}
+            diff = architecture_diff(saved, found)
             if diff:
                 raise ValueError(f"vision tower {cand} does not match the tower {folder} was trained with "
                                  f"(field: (trained, found)): {diff}")
@@ -162,7 +160,8 @@ def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], where: st
     ref = model.state_dict()
     unknown = sorted(k for k in state if k not in ref)
     if unknown:
-        raise ValueError(f"{where}: keys that the model does not have: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+        more = " ..." if len(unknown) > 10 else ""
+        raise ValueError(f"{where}: keys that the model does not have: {unknown[:10]}{more}")
     for k, v in state.items():
         if v.shape != ref[k].shape:
             raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, the model expects {tuple(ref[k].shape)}")

@@ -25,9 +25,18 @@ import torch
 
 from drip_llava.model.llava_llama import DripLlavaConfig, DripLlavaForCausalLM
 from drip_llava.model.projector import build_projector
-from drip_llava.vision.hf_clip_import import (convert_clip_vision_state, drip_config_from_clip, is_hf_clip_folder,
-                                              load_converted, load_folder_state, read_json, strip_vision_prefix,
-                                              vision_config_dict, vision_keys, weight_files)
+from drip_llava.vision.hf_clip_import import (
+    convert_clip_vision_state,
+    drip_config_from_clip,
+    is_hf_clip_folder,
+    load_converted,
+    load_folder_state,
+    read_json,
+    strip_vision_prefix,
+    vision_config_dict,
+    vision_keys,
+    weight_files,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrained
 
 from drip_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from drip_llava.model.projector import build_projector, load_projector_weights, save_projector
-from drip_llava.model.vision_tower import DripVisionTower, load_drip_model
+from drip_llava.model.vision_tower import DripVisionTower
+from drip_llava.vision.spec import load_drip_model
 
 
 @strict
@@ -54,20 +55,6 @@ def _zero3_gathered(params: list[nn.Parameter]):
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
     return contextlib.nullcontext()
-
-
-class LlavaVisionTower(DripVisionTower):
-    """The DripVisionTower that LLaVA runs: the same (features, mask), and on request DRIP's unweighted rate loss
-    of the batch (mean over its images), which a trained tower adds to the LLaVA loss."""
-
-    def forward(self, pixel_values: torch.Tensor, return_rate_loss: bool = False):
-        pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            out = self.model.forward_features(pixel_values, output_hidden_states=True)
-        n_cls = int(self.config.class_token)
-        feats = out.hidden_states[self.layer_index][:, n_cls:]
-        mask = out.hidden_masks[self.layer_index][:, n_cls:]
-        return (feats, mask, out.rate_loss) if return_rate_loss else (feats, mask)
 
 
 @dataclass
@@ -117,9 +104,9 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
         self.vision_tower: DripVisionTower | None = None
         self.mm_projector: nn.Module | None = None
         if config.vision_config is not None:
-            self.vision_tower = LlavaVisionTower(load_drip_model(config.vision_config),
-                                                 config.mm_vision_select_layer,
-                                                 frozen=not config.unfreeze_mm_vision_tower)
+            self.vision_tower = DripVisionTower(load_drip_model(config.vision_config),
+                                                config.mm_vision_select_layer,
+                                                frozen=not config.unfreeze_mm_vision_tower)
             self.mm_projector = self._new_projector()
         self.post_init()
 
@@ -141,7 +128,7 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
         a stage-1 projector (`pretrain_mm_mlp_adapter`: mm_projector.safetensors / .bin / its folder) for
         stage 2. Records everything needed to rebuild them in self.config."""
         drip = load_drip_model(vision_tower_spec, **tower_overrides)
-        tower = LlavaVisionTower(drip, select_layer=select_layer, frozen=not unfreeze_vision_tower)
+        tower = DripVisionTower(drip, select_layer=select_layer, frozen=not unfreeze_vision_tower)
         ref = self.get_input_embeddings().weight
         device = ref.device if ref.device.type != "meta" else torch.device("cpu")
         # A frozen tower may follow the LLM's dtype; trainable weights stay fp32 (autocast handles compute).
@@ -214,7 +201,8 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
 
     def _vision_keeper(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The whole tower + projector on one blank image, for batches without images (see _needs_vision_pass):
-        every rank runs the same modules in the same order every step. Returns (0 * the tokens' sum, 0 * the rate loss or None),
+        every rank runs the same modules in the same order every step. Returns (0 * the tokens' sum, 0 * the rate loss
+        or None),
         zero-weighted so the batch's result does not change while every vision parameter joins the graph."""
         s = self.vision_tower.config.image_size
         dummy = torch.zeros(1, 3, s, s, device=device)
@@ -272,7 +260,7 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
         rows, row_labels = [], []
         img_iter = iter(feats)
         for i in range(B):
-            e, ids = embeds[i][keep[i]], input_ids[i][keep[i]]
+            e = embeds[i][keep[i]]
             lab = labels[i][keep[i]] if labels is not None else None
             if has_image[i]:
                 p = int(is_ph[i][keep[i]].nonzero()[0, 0])

@@ -167,7 +167,8 @@ def check_projector_widths(meta_or_state, mm_hidden_size: int, hidden_size: int,
             f"mm_hidden_size mismatch: {where} was trained for a vision tower of width {saved_in}, but the current "
             f"vision tower has width {mm_hidden_size}; use the projector trained with this tower (or retrain stage 1)")
     if saved_out != hidden_size:
-        raise ValueError(f"hidden_size mismatch: {where} outputs width {saved_out}, but the LLM has width {hidden_size}")
+        raise ValueError(f"hidden_size mismatch: {where} outputs width {saved_out}, "
+                         f"but the LLM has width {hidden_size}")
 
 
 def load_projector_weights(projector: nn.Module, path: str | os.PathLike, mm_hidden_size: int,

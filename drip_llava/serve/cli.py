@@ -15,8 +15,15 @@ import sys
 import threading
 from typing import Optional, TextIO
 
-from drip_llava.inference import (DEFAULT_MAX_PIXELS, ChatEngine, ChatSession, GenerationSettings, ImageRejected,
-                                   PromptTooLong, configure_pil)
+from drip_llava.inference import (
+    DEFAULT_MAX_PIXELS,
+    ChatEngine,
+    ChatSession,
+    GenerationSettings,
+    ImageRejected,
+    PromptTooLong,
+    configure_pil,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -30,8 +30,15 @@ from typing import Optional
 
 import gradio as gr
 
-from drip_llava.inference import (DEFAULT_MAX_PIXELS, ChatEngine, ChatSession, GenerationSettings, ImageRejected,
-                                   PromptTooLong, configure_pil)
+from drip_llava.inference import (
+    DEFAULT_MAX_PIXELS,
+    ChatEngine,
+    ChatSession,
+    GenerationSettings,
+    ImageRejected,
+    PromptTooLong,
+    configure_pil,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +253,8 @@ class ChatApp:
                     image_md = gr.Markdown("", elem_id="image_info")
                     stats_md = gr.Markdown("No answers yet.", elem_id="answer_stats")
                     with gr.Accordion("Generation", open=False):
-                        temperature = gr.Slider(0.0, 1.5, value=d.temperature, step=0.05, label="Temperature (0 = greedy)")
+                        temperature = gr.Slider(0.0, 1.5, value=d.temperature, step=0.05,
+                                                label="Temperature (0 = greedy)")
                         top_p = gr.Slider(0.05, 1.0, value=d.top_p if d.top_p is not None else 0.7, step=0.05,
                                           label="Top p")
                         max_new = gr.Slider(1, 2048, value=d.max_new_tokens, step=1, label="Max new tokens")

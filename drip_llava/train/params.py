@@ -143,8 +143,8 @@ def random_vision_tower(spec: Optional[str]) -> Optional[str]:
     open_clip:NAME:PRETRAINED) or names no tower. Decided from what the spec is, as load_drip_model reads it."""
     if spec is None or os.path.isdir(os.path.expanduser(str(spec))):
         return None
-    from ..model.vision_tower import OPEN_CLIP_PREFIX
     from ..vision import list_presets
+    from ..vision.spec import OPEN_CLIP_PREFIX
 
     text = str(spec)
     if text.startswith(OPEN_CLIP_PREFIX):

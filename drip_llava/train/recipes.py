@@ -25,13 +25,14 @@ import torch
 from torch import nn
 
 from ..data.image_processor import DripLlavaImageProcessor
+from ..model.builder import NON_LORA_FILE
 from ..model.llava_llama import DripLlavaForCausalLM
 from ..model.vision_tower import DripVisionTower
 from ..vision.config import parse_overrides
+from ..vision.spec import architecture_diff
 
 logger = logging.getLogger(__name__)
 
-NON_LORA_FILE = "non_lora_trainables.safetensors"
 RECIPES: dict[str, type] = {}
 
 
@@ -102,9 +103,6 @@ def save_model_config(config, out_dir: str, conv_mode: str | None = None) -> Non
     clean.save_pretrained(out_dir)
 
 
-TOWER_KEYS = ("image_size", "patch_size", "hidden_size", "depth", "n_pre", "compression", "boundary_threshold")
-
-
 def check_stage1_tower(config, adapter: str) -> None:
     """A stage-1 projector was aligned to one tower's tokens: refuse another tower architecture or feature block
     (same width but e.g. another compression would silently mis-align; LLaVA only caught width changes)."""
@@ -117,8 +115,7 @@ def check_stage1_tower(config, adapter: str) -> None:
     if not saved.get("vision_config"):
         return
     now = config.vision_config or {}
-    diff = {k: (saved["vision_config"].get(k), now.get(k)) for k in TOWER_KEYS
-            if saved["vision_config"].get(k) != now.get(k)}
+    diff = architecture_diff(saved["vision_config"], now)
     if saved.get("mm_vision_select_layer", config.mm_vision_select_layer) != config.mm_vision_select_layer:
         diff["mm_vision_select_layer"] = (saved["mm_vision_select_layer"], config.mm_vision_select_layer)
     if diff:
@@ -408,4 +405,4 @@ def describe_trainable(model: nn.Module) -> dict:
 
 
 __all__ = ["RECIPES", "Recipe", "get_recipe", "register_recipe", "unwrap", "gathered", "gathered_state",
-           "NON_LORA_FILE", "describe_trainable", "lora_target_regex", "compute_dtype"]
+           "describe_trainable", "lora_target_regex", "compute_dtype"]

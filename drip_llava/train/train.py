@@ -16,9 +16,18 @@ import torch
 import transformers
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..data.dataset import (DataCollatorForSupervisedDataset, ImageLoader, LazySupervisedDataset, VisualTokenBudget,
-                            compute_image_token_counts, load_llava_json, load_or_compute_counts, tower_fingerprint)
+from ..data.dataset import (
+    DataCollatorForSupervisedDataset,
+    ImageLoader,
+    LazySupervisedDataset,
+    VisualTokenBudget,
+    compute_image_token_counts,
+    load_llava_json,
+    load_or_compute_counts,
+    tower_fingerprint,
+)
 from ..distributed import end_process_group, exit_after_main
+from ..runtime import split_cpu_threads, trainer_device_args
 from .params import args_to_json, parse_args, resolve_recipe
 from .recipes import describe_trainable, gathered, get_recipe
 from .trainer import DripLlavaTrainer, MetricsJsonlCallback, RecipeCheckpointCallback
@@ -39,22 +48,6 @@ def resolve_resume(value: Optional[str], output_dir: str) -> Optional[str]:
     if not os.path.isdir(value):
         raise FileNotFoundError(f"--resume_from_checkpoint {value} is not a folder")
     return value
-
-
-def cpu_fallback(argv: list[str]) -> list[str]:
-    """Without CUDA, HF Trainer needs use_cpu=True (with DeepSpeed it otherwise asserts on the batch size over
-    ranks and refuses bf16): add it unless the user set it."""
-    if not torch.cuda.is_available() and not any(a.split("=")[0] == "--use_cpu" for a in argv):
-        return ["--use_cpu", "True"] + argv
-    return argv
-
-
-def cpu_threads() -> None:
-    """Several ranks on one CPU machine: split the cores (torch's default of all cores per rank oversubscribes
-    them, several times slower). An explicit OMP_NUM_THREADS wins."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
-    if not torch.cuda.is_available() and local > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
 def init_deepspeed_comm(training_args) -> None:
@@ -128,8 +121,8 @@ def visual_token_counts(tower, loader: ImageLoader, records: list, data_args, tr
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    argv = cpu_fallback(list(sys.argv[1:] if argv is None else argv))
-    cpu_threads()
+    split_cpu_threads()
+    argv = trainer_device_args(list(sys.argv[1:] if argv is None else argv))
     model_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if training_args.should_log else logging.WARNING)

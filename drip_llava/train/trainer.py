@@ -10,9 +10,9 @@ import time
 from typing import Optional
 
 import torch
-from torch.utils.data import Sampler, SequentialSampler
 from accelerate.utils import DeepSpeedSchedulerWrapper
 from peft import PeftModel
+from torch.utils.data import Sampler, SequentialSampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_pt_utils import get_length_grouped_indices

@@ -34,7 +34,8 @@ CLIP_VISION_RENAMES = {
 _QKV = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
 _ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}  # HF hidden_act -> DRIP act (HF "gelu" is the exact erf GELU)
 _SHAPE_KEYS = ("patch_size", "hidden_size", "depth", "num_heads", "embed_dim")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 # ---------------------------------------------------------------------------------------------- folder reading

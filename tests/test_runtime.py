@@ -1,0 +1,54 @@
+"""The one precision / CPU-threads policy (drip_llava.runtime), as the trainer, pretrain_projector.py and the
+shell launchers (scripts/launch_env.sh) see it. This machine has no GPU: the CPU branch is the one tested."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from drip_llava import runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_trainer_device_args_on_cpu_user_flags_win():
+    assert runtime.trainer_device_args(["--x", "1"]) == ["--use_cpu", "True", "--bf16", "False", "--fp16", "False",
+                                                         "--x", "1"]
+    assert runtime.trainer_device_args(["--bf16", "True"]) == ["--use_cpu", "True", "--bf16", "True"]
+    assert runtime.trainer_device_args(["--use_cpu=True", "--fp16=False"]) == ["--use_cpu=True", "--fp16=False"]
+    assert runtime.trainer_device_args([], precision="bf16")[2:] == ["--bf16", "True", "--fp16", "False"]
+
+
+def test_precision_refuses_fp16_on_cpu_and_unknown_names():
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        runtime.precision_flags("fp16")
+    with pytest.raises(ValueError, match="must be one of"):
+        runtime.precision_flags("fp8")
+
+
+def test_split_cpu_threads_gives_each_rank_its_share(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(runtime, "available_cores", lambda: 8)
+    monkeypatch.setitem(sys.modules, "torch", type("T", (), {"set_num_threads": staticmethod(lambda n: None)}))
+    runtime.split_cpu_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # an explicit setting wins
+    runtime.split_cpu_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+
+
+def _source_launch_env(**env) -> subprocess.CompletedProcess:
+    script = 'source scripts/launch_env.sh; echo "$GPUS|$NUM_GPUS|$PRECISION|$OMP_NUM_THREADS|${DEVICE_ARGS[*]}"'
+    base = {k: v for k, v in os.environ.items() if k not in ("NUM_GPUS", "PRECISION", "OMP_NUM_THREADS")}
+    return subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**base, "PYTHON": sys.executable, **env})
+
+
+def test_launch_env_sh_uses_the_python_policy():
+    out = _source_launch_env(NUM_GPUS="2", PRECISION="bf16", OMP_NUM_THREADS="1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0|2|bf16|1|--use_cpu True --bf16 True --fp16 False"
+    bad = _source_launch_env(PRECISION="fp16")
+    assert bad.returncode == 2 and "fp16 needs a GPU" in bad.stderr
