@@ -8,17 +8,13 @@ is an error for DRIP towers (any block is fine for the plain ViT, compression 1)
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from drip_llava.vision import DripVisionConfig, DripVisionModel, list_presets
-from drip_llava.vision.hf_clip_import import CLIP_MODEL_TYPES, is_hf_clip_folder
-
-OPEN_CLIP_PREFIX = "open_clip:"
+from drip_llava.vision import DripVisionConfig, DripVisionModel
+from drip_llava.vision.spec import load_drip_model
 
 
 def resolve_select_layer(config: DripVisionConfig, select_layer: int) -> int:
@@ -35,48 +31,6 @@ def resolve_select_layer(config: DripVisionConfig, select_layer: int) -> int:
             f"{config.n_pre}): it would give the LLM all {config.num_patches} patch tokens. Choose a block after "
             f"pooling: {first}..{config.depth} or {first - n}..-1")
     return idx
-
-
-def load_drip_model(spec: Any, **overrides) -> DripVisionModel:
-    """A DripVisionModel from: an instance, a DripVisionConfig / config dict (random weights, to be filled from
-    a checkpoint), a DripVisionModel folder, an HF CLIP folder or model (config model_type clip /
-    clip_vision_model, e.g. openai/clip-vit-large-patch14-336 downloaded), an open_clip model (or its `.visual`),
-    `open_clip:NAME[:PRETRAINED]` (PRETRAINED = tag or local file), or a preset name. For the pretrained ViTs
-    (HF CLIP, open_clip) `overrides` such as compression=4.0 add a fresh boundary predictor: DRIP."""
-    if isinstance(spec, DripVisionModel):
-        if overrides:
-            raise ValueError("config overrides cannot be applied to an already built DripVisionModel")
-        return spec
-    config_type = getattr(getattr(spec, "config", None), "model_type", None)
-    if isinstance(spec, nn.Module) and config_type in CLIP_MODEL_TYPES:  # transformers' CLIP(Vision)Model
-        return DripVisionModel.from_hf_clip(spec, **overrides)
-    if isinstance(spec, nn.Module):  # an open_clip CLIP model or its .visual ViT: the plain-ViT LLaVA baseline
-        return DripVisionModel.from_open_clip(spec, **overrides)
-    if isinstance(spec, DripVisionConfig):
-        return DripVisionModel(DripVisionConfig.from_dict({**spec.to_dict(), **overrides}))
-    if isinstance(spec, dict):
-        return DripVisionModel(DripVisionConfig.from_dict({**spec, **overrides}))
-    if not isinstance(spec, (str, os.PathLike)):
-        raise TypeError(f"vision tower spec must be a folder, preset name, config dict, DripVisionModel or open_clip "
-                        f"model, got {type(spec)}")
-    text = str(spec)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"vision tower folder {path} has no config.json (found: "
-                                    f"{sorted(p.name for p in path.iterdir())})")
-        if is_hf_clip_folder(path):
-            return DripVisionModel.from_hf_clip(path, **overrides)
-        return DripVisionModel.from_pretrained(str(path), **overrides)
-    if text.startswith(OPEN_CLIP_PREFIX):
-        name, _, pretrained = text[len(OPEN_CLIP_PREFIX):].partition(":")
-        source = (name, pretrained) if pretrained else name
-        return DripVisionModel.from_open_clip(source, **overrides)
-    presets = list_presets()
-    if text in presets:
-        return DripVisionModel.from_preset(text, **overrides)
-    raise ValueError(f"vision tower {text!r} is not a folder, not 'open_clip:NAME[:PRETRAINED]' and not a preset "
-                     f"(valid presets: {', '.join(presets)})")
 
 
 class DripVisionTower(nn.Module):
@@ -135,5 +89,5 @@ class DripVisionTower(nn.Module):
 
 
 def build_vision_tower(spec: Any, select_layer: int = -2, frozen: bool = True, **overrides) -> DripVisionTower:
-    """See `load_drip_model` for the accepted specs; `overrides` replace DRIP config fields."""
+    """See `drip_llava.vision.spec.load_drip_model` for the accepted specs; `overrides` replace DRIP config fields."""
     return DripVisionTower(load_drip_model(spec, **overrides), select_layer=select_layer, frozen=frozen)
