@@ -21,7 +21,7 @@ def _model(spec, **kw):
 
 # ---- registry -----------------------------------------------------------------------------------
 def test_registry_and_presets():
-    assert {"drip", "tome"} <= set(list_families())
+    assert {"drip", "tome", "dynamicvit"} <= set(list_families())
     assert get_family("drip") is DripVisionModel
     with pytest.raises(KeyError, match="tome"):
         get_family("tokenlearner")
@@ -138,3 +138,79 @@ def test_tome_proportional_attention_and_mean_pool_flops():
     for kw in ({"proportional_attention": False}, {"pool": "mean", "class_token": False}, {"merge_r": [0, 16, 0, 8, 8, 0]}):
         m = _model("tome-tiny-16-r8", **kw).eval()
         assert flops.counted_macs(m) == pytest.approx(flops.analytic_macs(m.config), rel=0.01)
+
+
+# ---- DynamicViT ---------------------------------------------------------------------------------
+def test_dynamicvit_training_masks_attention_and_keeps_the_sequence():
+    m = _model("dynamicvit-tiny-16-rho0.7").train()
+    x = images(2)
+    torch.manual_seed(3)
+    out = m(x, output_hidden_states=True)
+    assert [h.shape[1] for h in out.hidden_states] == [65] * 7 and out.features.shape[1] == 64
+    assert not out.mask.all() and torch.equal(out.mask, out.patch_token >= 0)
+    dropped = ~out.hidden_masks[-2]  # [B,T] after the last stage (block 4 of 6)
+
+    def scramble(module, args):  # large changes to the dropped tokens entering the last block
+        h = args[0]
+        return (torch.where(dropped[..., None], 10 * torch.randn_like(h), h),) + tuple(args[1:])
+
+    handle = m.blocks[-1].register_forward_pre_hook(scramble)
+    try:
+        torch.manual_seed(3)  # same Gumbel noise, same decisions
+        again = m(x)
+    finally:
+        handle.remove()
+    assert torch.equal(again.mask, out.mask)
+    assert (again.features - out.features)[out.mask].abs().max() < 1e-3  # kept tokens never saw them
+
+
+def test_dynamicvit_eval_removes_tokens_top_k():
+    m = _model("dynamicvit-tiny-16-rho0.5").eval()
+    with torch.no_grad():
+        out = m(images(3), output_hidden_states=True)
+    k = m.config.keep_counts()
+    assert k == [32, 16, 8] and m.config.prune_locations == [1, 3, 4]
+    assert [h.shape[1] for h in out.hidden_states] == [65, 65, 33, 33, 17, 9, 9]
+    assert out.features.shape[1] == 8 and out.mask.all() and (out.num_tokens == 8).all()
+    for i in range(3):  # each kept patch appears once; dropped patches record the block they stopped before
+        kept = out.patch_token[i] >= 0
+        assert torch.equal(out.patch_token[i][kept].sort().values, torch.arange(8))
+        assert set(out.patch_depth[i][~kept].tolist()) == {1, 3, 4} and (out.patch_depth[i][kept] == 6).all()
+
+
+def test_dynamicvit_policy_that_keeps_nothing_gives_no_nan():
+    m = _model("dynamicvit-tiny-16-rho0.7").train()
+    for p in m.predictors:
+        torch.nn.init.zeros_(p.out_conv[-1].weight)
+        p.out_conv[-1].bias.data = torch.tensor([-50.0, 50.0])  # drop everything
+    out = m(images(2))
+    assert (out.num_tokens == 0).all()
+    loss = out.pooled.square().mean() + out.rate_loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    with torch.no_grad():
+        assert (m.eval()(images(2)).num_tokens == m.config.max_tokens).all()
+
+
+def test_dynamicvit_task_loss_alone_reaches_every_predictor():
+    m = _model("dynamicvit-tiny-16-rho0.7").train()
+    m(images(2)).pooled.square().mean().backward()
+    for p in m.predictors:
+        assert p.out_conv[-1].weight.grad is not None and p.out_conv[-1].weight.grad.abs().sum() > 0
+
+
+def test_dynamicvit_ratio_loss_moves_keep_rates_to_target():
+    m = _model("dynamicvit-tiny-16-rho0.5", depth=4, prune_locations=[1, 2, 3], hidden_size=64, num_heads=2).train()
+    opt = torch.optim.Adam(m.predictors.parameters(), lr=1e-2)
+    x = images(8)
+    for _ in range(40):
+        out = m(x)
+        opt.zero_grad()
+        out.rate_loss.backward()
+        opt.step()
+    rates = torch.zeros(3)
+    with torch.no_grad():
+        for _ in range(5):
+            depth = m(x).patch_depth.float()  # a patch dropped before block b has depth b
+            rates += torch.stack([(depth > loc).float().mean() for loc in (1, 2, 3)]) / 5
+    assert torch.allclose(rates, torch.tensor([0.5, 0.25, 0.125]), atol=0.06), rates

@@ -63,7 +63,23 @@ def tome_macs(config) -> dict:
             "projection": D * c.embed_dim, "tokens_out": c.max_tokens}
 
 
-FAMILY_MACS = {"tome": tome_macs}
+def dynamicvit_macs(config) -> dict:
+    """DynamicViT at inference: blocks on 1+N tokens, N = L until the first stage, then the stage's top-k count;
+    each stage's predictor on the N tokens it scores: N*D*D (in_conv) + N*(D*D/2 + D/2*D/4 + D/4*2) (out_conv)."""
+    c = config
+    L, D, n_cls = c.num_patches, c.hidden_size, int(c.class_token)
+    stage_keep = dict(zip(c.prune_locations, c.keep_counts()))
+    N, blocks, predictors = L, 0, 0
+    for i in range(c.depth):
+        if i in stage_keep:
+            predictors += N * D * D + N * (D * (D // 2) + (D // 2) * (D // 4) + (D // 4) * 2)
+            N = stage_keep[i]
+        blocks += block_macs(c, N + n_cls)
+    return {"patch_embed": L * 3 * c.patch_size ** 2 * D, "blocks": blocks, "predictors": predictors,
+            "projection": D * c.embed_dim, "tokens_out": c.max_tokens}
+
+
+FAMILY_MACS = {"tome": tome_macs, "dynamicvit": dynamicvit_macs}
 
 
 def macs_breakdown(config: DripVisionConfig, tokens_short: Optional[float] = None) -> dict:
