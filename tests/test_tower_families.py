@@ -214,3 +214,19 @@ def test_dynamicvit_ratio_loss_moves_keep_rates_to_target():
             depth = m(x).patch_depth.float()  # a patch dropped before block b has depth b
             rates += torch.stack([(depth > loc).float().mean() for loc in (1, 2, 3)]) / 5
     assert torch.allclose(rates, torch.tensor([0.5, 0.25, 0.125]), atol=0.06), rates
+
+
+# ---- pictures -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["tome-tiny-16-r8", "dynamicvit-tiny-16-rho0.5"])
+def test_visualize_draws_merged_and_dropped_patches(preset, tmp_path):
+    from drip_llava.vision import images as example_images, visualize
+
+    model = _model(preset).eval()
+    im = example_images.load_image("example:astronaut")
+    labels, n = visualize.segment_labels(model, im)
+    pic, n2 = visualize.segment_overlay(model, im)
+    assert n == n2 == model.config.max_tokens and labels.shape == (8, 8)
+    assert sorted(set(labels[labels >= 0].tolist())) == list(range(n))
+    assert int((labels < 0).sum()) == (0 if model.config.family == "tome" else 64 - n)
+    res = visualize.main(["--model", preset, "--image", "example:coffee", "--out", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").is_file() and res["num_tokens"] == [n]

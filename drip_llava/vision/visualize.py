@@ -1,5 +1,7 @@
 """Pictures of DRIP's segments: each segment (a run of patches in raster order) gets one translucent colour,
 borders are drawn between neighbouring patches of different segments, and the token count goes in the title.
+Other tower families are drawn from their `patch_token` map the same way: ToMe's merged groups each get a colour,
+and patches a family dropped (DynamicViT) are darkened.
 
 Eval mode only: the config's deterministic boundary rule (`eval_boundaries`; by default "expected", the
 round(sum sigmoid) highest-logit patches of each image; "threshold", sigmoid > threshold), no Gumbel noise, so
@@ -24,17 +26,19 @@ DISPLAY_MIN_SIZE = 448  # tiny presets (128 px) are upscaled so borders stay rea
 
 
 def load_model(spec: str, seed: int = 0, device: Optional[str] = None):
-    """A DripVisionModel from a saved folder (config.json + model.safetensors) or a preset name (random init)."""
-    from .model import DripVisionModel
+    """A tower of its config's family from a saved folder (config.json + model.safetensors) or a preset name
+    (random init)."""
+    from .families import create_model, from_pretrained
 
     path = Path(spec)
     if path.is_dir():
-        model = DripVisionModel.from_pretrained(path)
-    elif spec in list_presets():
+        model = from_pretrained(path)
+    elif spec in list_presets(None):
         torch.manual_seed(seed)
-        model = DripVisionModel.from_preset(spec)
+        model = create_model(spec)
     else:
-        raise FileNotFoundError(f"--model {spec!r} is neither a model folder nor a preset ({', '.join(list_presets())})")
+        raise FileNotFoundError(f"--model {spec!r} is neither a model folder nor a preset "
+                                f"({', '.join(list_presets(None))})")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(dev).eval()
 
@@ -55,7 +59,8 @@ def model_view(model, pil_image: Image.Image) -> Image.Image:
 
 @torch.no_grad()
 def segment_labels(model, pil_image: Image.Image) -> tuple[np.ndarray, int]:
-    """(labels [g, g] int: segment id of every patch in raster order, num_tokens) in eval mode."""
+    """(labels [g, g] int: segment / output token of every patch in raster order, -1 = dropped; num_tokens),
+    in eval mode."""
     was_training = model.training
     model.eval()
     try:
@@ -64,8 +69,11 @@ def segment_labels(model, pil_image: Image.Image) -> tuple[np.ndarray, int]:
         out = model.forward_features(x)
     finally:
         model.train(was_training)
-    b = out.boundaries[0].float()
-    seg = (torch.cumsum(b, 0) - b).round().long().cpu().numpy()  # exclusive cumsum = segment id
+    if out.boundaries is not None:
+        b = out.boundaries[0].float()
+        seg = (torch.cumsum(b, 0) - b).round().long().cpu().numpy()  # exclusive cumsum = segment id
+    else:  # other families: the token each patch ended in (merged patches share one)
+        seg = out.patch_token[0].cpu().numpy()
     g = model.config.grid_size
     return seg.reshape(g, g), int(out.num_tokens[0])
 
@@ -78,14 +86,15 @@ def segment_colours(n: int) -> np.ndarray:
 
 def draw_segments(view: Image.Image, labels: np.ndarray, alpha: float = 0.4,
                   border=(255, 255, 255)) -> Image.Image:
-    """Colour overlay (one colour per label) + borders between patches with different labels."""
+    """Colour overlay (one colour per label, black for label -1 = dropped) + borders between patches with
+    different labels."""
     g = labels.shape[0]
     scale = max(1, math.ceil(DISPLAY_MIN_SIZE / view.width))
     size = view.width * scale
     base = view.resize((size, size), Image.BICUBIC) if scale > 1 else view.copy()
     cell = size / g
-    colours = segment_colours(int(labels.max()) + 1)
-    overlay = Image.fromarray(colours[labels]).resize((size, size), Image.NEAREST)
+    colours = np.concatenate([segment_colours(int(labels.max()) + 1), np.zeros((1, 3), np.uint8)])
+    overlay = Image.fromarray(colours[labels]).resize((size, size), Image.NEAREST)  # -1 picks the black row
     out = Image.blend(base, overlay, alpha)
     draw = ImageDraw.Draw(out)
     width = max(1, round(cell / 12))
