@@ -56,6 +56,12 @@ def test_every_tiny_family_preset_forward_backward_uses_every_parameter(preset, 
     assert out.pooled.shape == (3, m.config.embed_dim) and torch.equal(out.mask.sum(1), out.num_tokens)
     assert out.patch_token.shape == out.patch_depth.shape == (3, m.config.num_patches)
     assert torch.isfinite(out.features).all() and torch.isfinite(out.rate_loss)
+    with torch.no_grad():  # the LLaVA tower's token bound for any select_layer, from the config
+        hs = m.eval()(images(1), output_hidden_states=True).hidden_states
+    n_cls = int(m.config.class_token)
+    assert [h.shape[1] - n_cls for h in hs] == [m.config.tokens_after_block(i) for i in range(len(hs))]
+    assert m.config.tokens_after_block(-1) == m.config.max_tokens
+    m.train()
     (out.pooled.square().mean() + out.rate_loss).backward()
     unused = [n for n, p in m.named_parameters() if p.grad is None]
     assert not unused, f"parameters without gradient (DDP would fail): {unused}"

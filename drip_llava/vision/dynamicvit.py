@@ -52,6 +52,13 @@ class DynamicViTConfig(DripVisionConfig):
         L = self.num_patches
         return [max(1, round(L * self.keep_rate ** s)) for s in range(1, len(self.prune_locations) + 1)]
 
+    def tokens_after_block(self, i: int) -> int:
+        """Non-CLS tokens in hidden_states[i] in eval (0 = embeddings; negative i counts from the end). In training
+        the sequence keeps all L tokens and hidden_masks mark the kept ones."""
+        i = i % (self.depth + 1)
+        passed = [k for loc, k in zip(self.prune_locations, self.keep_counts()) if loc < i]
+        return passed[-1] if passed else self.num_patches
+
     @property
     def max_tokens(self) -> int:
         return self.keep_counts()[-1]

@@ -50,11 +50,18 @@ class ToMeConfig(DripVisionConfig):
             T -= r
         return out
 
+    def tokens_after_block(self, i: int) -> int:
+        """Non-CLS tokens in hidden_states[i] (0 = embeddings; negative i counts from the end), every image alike."""
+        i = i % (self.depth + 1)
+        if i == 0:
+            return self.num_patches
+        T, r = self.merge_schedule()[i - 1]
+        return T - r - int(self.class_token)
+
     @property
     def max_tokens(self) -> int:
         """Tokens per image after the last block (every image gets the same count)."""
-        T, r = self.merge_schedule()[-1]
-        return T - r - int(self.class_token)
+        return self.tokens_after_block(self.depth)
 
 
 @contextmanager
