@@ -1,13 +1,18 @@
 """DRIP: a ViT that mean-pools its patch tokens into image-dependent segments.
 
 patch embed (+cls, +pos, ln_pre) -> n_pre blocks on all patches -> boundary predictor -> segment mean-pooling
--> n_short blocks on the (padded) segments -> ln_post -> pool (cls or masked mean) -> projection.
+-> n_short blocks on the segments -> ln_post -> pool (cls or masked mean) -> projection.
 With `compression == 1` (or all-ones boundaries) it is exactly a plain ViT with open_clip's layout.
+
+The shortened blocks run either padded ([B, S_max, D] with a key mask) or packed: the real tokens of all images
+concatenated ([sum S_i, D], no padding), linear layers on the whole pack and attention per image through a
+variable-length kernel (see `varlen_attention`). Both give the same tokens; packed skips the max - mean padding,
+which is large in training (Gumbel boundaries) and on real images.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,10 +54,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                pack: Optional["Packing"] = None) -> torch.Tensor:
+        """x: [B,T,D] with attn_mask [B,1,1,T] bool (True = attend), or with `pack` the real tokens of several
+        images concatenated, [N,D], attention staying within each image (no mask)."""
+        if pack is not None:
+            N, D = x.shape
+            q, k, v = self.qkv(x).view(N, 3, self.num_heads, D // self.num_heads).unbind(1)  # [N,H,Dh] each
+            return self.proj(varlen_attention(q, k, v, pack).reshape(N, D))
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        # attn_mask: [B,1,1,T] bool (True = attend); SDPA picks a fused kernel on GPU
+        # SDPA picks a fused kernel on GPU
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B,H,T,Dh]
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
@@ -68,9 +80,93 @@ class Block(nn.Module):
         act = QuickGELU() if config.act == "quick_gelu" else nn.GELU()
         self.mlp = nn.Sequential(nn.Linear(D, hidden), act, nn.Linear(hidden, D))
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                pack: Optional["Packing"] = None) -> torch.Tensor:
+        """x: [B,T,D] (padded, attn_mask) or [N,D] packed tokens with `pack` (see `Packing`): the same math."""
+        x = x + self.attn(self.ln_1(x), attn_mask, pack)
         return x + self.mlp(self.ln_2(x))
+
+
+# ---- packed (variable-length) attention --------------------------------------------------------------
+VARLEN_KERNELS = ("auto", "flash", "nested", "loop")
+SHORT_PATHS = ("auto", "packed", "padded")
+
+
+@dataclass
+class Packing:
+    """Where the real tokens of a padded batch [B,T,D] sit once packed into [N,D] (N = sum of lengths)."""
+
+    lengths: list  # per image, host ints (CLS included)
+    cu_seqlens: torch.Tensor  # [B+1] int32 offsets into the pack, on the tokens' device
+    index: torch.Tensor  # [N] long flat positions b*T + t of the real tokens in the padded batch
+    padded_len: int  # T
+    kernel: str = "auto"
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lengths)
+
+    @classmethod
+    def from_lengths(cls, lengths: list, padded_len: int, device: torch.device, kernel: str = "auto") -> "Packing":
+        """lengths: real tokens per image (host ints), each row's real tokens first in a padded row of padded_len.
+        Built on the host and copied once, so no further device sync."""
+        n = torch.tensor(lengths, dtype=torch.long)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = n.cumsum(0)
+        index = (torch.arange(padded_len)[None, :] < n[:, None]).flatten().nonzero().squeeze(1)
+        return cls(list(lengths), cu.to(device, non_blocking=True), index.to(device, non_blocking=True), padded_len,
+                   kernel)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:  # [B,T,D] -> [N,D]
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:  # [N,D] -> [B,T,D], zeros at the padding
+        B = len(self.lengths)
+        out = x.new_zeros(B * self.padded_len, x.shape[-1]).index_copy(0, self.index, x)
+        return out.view(B, self.padded_len, x.shape[-1])
+
+
+def _flash_varlen() -> Optional[Callable]:
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def resolve_varlen_kernel(device: torch.device, dtype: torch.dtype, kernel: str = "auto") -> str:
+    """The variable-length attention used for `device`/`dtype`: CUDA takes flash-attn's varlen function when the
+    package is installed (fp16/bf16), else SDPA on jagged nested tensors; CPU loops SDPA over the images, the
+    fastest there at S ~ 20-60 (measured: a block-diagonal mask over the pack costs ~4x, nested tensors ~8x)."""
+    if kernel not in VARLEN_KERNELS:
+        raise ValueError(f"varlen kernel must be one of {VARLEN_KERNELS}, got {kernel!r}")
+    if kernel != "auto":
+        return kernel
+    if device.type == "cuda":
+        if dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None:
+            return "flash"
+        return "nested"
+    return "loop"
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: Packing) -> torch.Tensor:
+    """Softmax attention within each image of a pack. q, k, v: [N,H,Dh] -> [N,H,Dh]."""
+    kernel = resolve_varlen_kernel(q.device, q.dtype, pack.kernel)
+    if kernel == "flash":
+        flash = _flash_varlen()
+        if flash is None:
+            raise ImportError("varlen kernel 'flash' needs the flash-attn package")
+        return flash(q, k, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_len, pack.max_len)
+    if kernel == "nested":
+        offsets = pack.cu_seqlens.long()
+        q, k, v = (torch.nested.nested_tensor_from_jagged(t, offsets=offsets).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).values()  # [B,H,j,Dh] -> [N,H,Dh]
+    out, start = [], 0
+    for n in pack.lengths:
+        qi, ki, vi = (t[start:start + n].transpose(0, 1) for t in (q, k, v))  # [H,n,Dh]
+        out.append(F.scaled_dot_product_attention(qi, ki, vi).transpose(0, 1))
+        start += n
+    return torch.cat(out)
 
 
 class BoundaryPredictor(nn.Module):
@@ -180,6 +276,12 @@ class DripVisionModel(PreTrainedModel):
         self.ln_post = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.proj = nn.Linear(D, config.embed_dim, bias=False)
         self.gradient_checkpointing = False
+        # runtime choices, not saved: how the shortened blocks run ("auto" = packed when the batch has padding,
+        # "padded" = the reference path, "packed" = always), the packed attention kernel (see
+        # `resolve_varlen_kernel`), and a per-stage callback for profiling
+        self.short_path = "auto"
+        self.varlen_kernel = "auto"
+        self.stage_hook: Optional[Callable[[str, torch.Tensor], None]] = None
         self.post_init()
 
     def _init_weights(self, module):
@@ -238,61 +340,101 @@ class DripVisionModel(PreTrainedModel):
         return {"positional_embedding", "class_embedding"}
 
     # ---- forward ---------------------------------------------------------------------------------
-    def _run_blocks(self, blocks, x, attn_mask, hidden, masks, token_mask):
+    def _stage(self, name: str, x: torch.Tensor) -> None:
+        """Profiling hook: `stage_hook(name, tensor)` after each stage when set (the bench's per-part timer)."""
+        if self.stage_hook is not None:
+            self.stage_hook(name, x)
+
+    def _run_blocks(self, blocks, x, attn_mask, hidden, masks, token_mask, pack=None):
         for blk in blocks:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(blk, x, attn_mask, use_reentrant=False)
+                x = checkpoint(blk, x, attn_mask, pack, use_reentrant=False)
             else:
-                x = blk(x, attn_mask)
+                x = blk(x, attn_mask, pack)
             if hidden is not None:
-                hidden.append(x)
+                hidden.append(x if pack is None else pack.unpack(x))
                 masks.append(token_mask)
         return x
 
+    def _output_index(self, output_layer: int) -> int:
+        n = self.config.depth + 1
+        idx = output_layer + n if output_layer < 0 else output_layer
+        if not 0 <= idx < n:
+            raise ValueError(f"output_layer={output_layer} is out of range for depth {self.config.depth} "
+                             f"(valid: {-n}..{n - 1})")
+        return idx
+
+    def _use_packed(self, counts: list) -> bool:
+        if self.short_path not in SHORT_PATHS:
+            raise ValueError(f"short_path must be one of {SHORT_PATHS}, got {self.short_path!r}")
+        if self.short_path == "auto":
+            return min(counts) < max(counts)  # nothing padded: the padded batch needs no mask and no gather
+        return self.short_path == "packed"
+
     def forward_features(self, pixel_values: torch.Tensor, boundaries: Optional[torch.Tensor] = None,
-                         output_hidden_states: bool = False) -> DripVisionOutput:
+                         output_hidden_states: bool = False, output_layer: Optional[int] = None) -> DripVisionOutput:
+        """The encoder without the head. `output_layer` = k (an index into `hidden_states`: 0 = embeddings,
+        depth = last block; negative counts from the end) stops after block k: `features`, `cls_token` and `mask`
+        are then hidden_states[k] split into CLS / tokens (before ln_post), the later blocks do not run and no
+        hidden-state tuple is kept unless `output_hidden_states`. Stopping at or before DRIP's pooling
+        (k <= n_pre) skips the predictor: boundaries None, rate_loss 0, every patch a token."""
         c = self.config
+        stop = c.depth if output_layer is None else self._output_index(output_layer)
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [B,D,g,g]
         x = x.flatten(2).transpose(1, 2)  # [B,L,D]
         B, L, D = x.shape
+        if boundaries is not None and boundaries.shape != (B, L):
+            raise ValueError(f"boundaries must be [B, L] = {(B, L)}, got {tuple(boundaries.shape)}")
         if c.class_token:
             x = torch.cat([self.class_embedding.to(x.dtype).expand(B, 1, D), x], dim=1)
         x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
         n_cls = int(c.class_token)
+        self._stage("embed", x)
 
         full_mask = torch.ones(B, L + n_cls, dtype=torch.bool, device=x.device)
         hidden, masks = ([x], [full_mask]) if output_hidden_states else (None, None)
         n_pre = c.n_pre if (c.is_drip or boundaries is not None) else c.depth
-        x = self._run_blocks(self.blocks[:n_pre], x, None, hidden, masks, full_mask)
-
-        soft = None
-        if boundaries is not None:  # caller's artificial boundaries (all ones = plain ViT)
-            if boundaries.shape != (B, L):
-                raise ValueError(f"boundaries must be [B, L] = {(B, L)}, got {tuple(boundaries.shape)}")
-            b = force_last_boundary(boundaries.to(torch.float32))
-        elif self.boundary_predictor is not None:
-            b, soft = sample_boundaries(self.boundary_predictor(x[:, n_cls:]), c, self.training)
-            if c.boundary_mode == "hard":
-                soft = None
-        else:  # plain ViT: every patch is its own segment
-            b = torch.ones(B, L, device=x.device)
-
-        num_tokens = b.detach().sum(dim=1).round().long()  # [B], >= 1 (last patch forced)
-        loss = rate_loss(b, c) if self.boundary_predictor is not None else x.new_zeros(())
-        if n_pre < c.depth:
-            S = int(num_tokens.max())  # the one host sync: the padded length of this batch
+        x = self._run_blocks(self.blocks[:min(n_pre, stop)], x, None, hidden, masks, full_mask)
+        self._stage("pre_blocks", x)
+        pack, b, loss = None, None, x.new_zeros(())
+        num_tokens = torch.full((B,), L, dtype=torch.long, device=x.device)
+        mask = full_mask[:, n_cls:]
+        if n_pre < c.depth and stop > n_pre:
+            soft = None
+            if boundaries is not None:  # caller's artificial boundaries (all ones = plain ViT)
+                b = force_last_boundary(boundaries.to(torch.float32))
+            else:
+                logits = self.boundary_predictor(x[:, n_cls:])
+                self._stage("predictor", logits)
+                b, soft = sample_boundaries(logits, c, self.training)
+                if c.boundary_mode == "hard":
+                    soft = None
+            num_tokens = b.detach().sum(dim=1).round().long()  # [B], >= 1 (last patch forced)
+            if self.boundary_predictor is not None:
+                loss = rate_loss(b, c)
+            counts = num_tokens.tolist()  # the one host sync: segment counts -> padded length and packing
+            S = max(counts)
             W = segment_weights(b, S, soft).to(x.dtype)  # [B,L,S]
             seg = torch.einsum("bld,bls->bsd", x[:, n_cls:], W)  # [B,S,D]
             x = torch.cat([x[:, :n_cls], seg], dim=1)
             mask = torch.arange(S, device=x.device)[None, :] < num_tokens[:, None]  # [B,S]
             tok_mask = torch.cat([full_mask[:, :n_cls], mask], dim=1)
-            # padded keys are masked; skip the mask when nothing is padded so SDPA can use its fastest path
-            attn_mask = None if bool(mask.all()) else tok_mask[:, None, None, :]
-            x = self._run_blocks(self.blocks[n_pre:], x, attn_mask, hidden, masks, tok_mask)
-        else:
-            mask = full_mask[:, n_cls:]
+            attn_mask = None
+            if self._use_packed(counts):  # real tokens only: [sum(n_cls + S_i), D]
+                pack = Packing.from_lengths([n + n_cls for n in counts], S + n_cls, x.device, self.varlen_kernel)
+                x = pack.pack(x)
+            elif min(counts) < S:  # padded keys are masked (no mask when nothing is padded: SDPA's fastest path)
+                attn_mask = tok_mask[:, None, None, :]
+            self._stage("pooling", x)
+            x = self._run_blocks(self.blocks[n_pre:stop], x, attn_mask, hidden, masks, tok_mask, pack)
+            self._stage("short_blocks", x)
+        elif boundaries is None and not c.is_drip:  # plain ViT: every patch is its own segment
+            b = torch.ones(B, L, device=x.device)
 
-        x = self.ln_post(x)
+        if output_layer is None:
+            x = self.ln_post(x)
+        if pack is not None:
+            x = pack.unpack(x)  # [B, n_cls + S, D], zeros at the padding
         return DripVisionOutput(
             features=x[:, n_cls:], mask=mask, num_tokens=num_tokens, boundaries=b, rate_loss=loss,
             pooled=None, cls_token=x[:, 0] if n_cls else None, hidden_states=tuple(hidden) if hidden is not None else None,
@@ -313,4 +455,5 @@ class DripVisionModel(PreTrainedModel):
                 output_hidden_states: bool = False, return_dict: bool = True) -> DripVisionOutput:
         out = self.forward_features(pixel_values, boundaries, output_hidden_states=output_hidden_states)
         out.pooled = self.forward_head(out)
+        self._stage("head", out.pooled)
         return out
