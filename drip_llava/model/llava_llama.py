@@ -57,20 +57,6 @@ def _zero3_gathered(params: list[nn.Parameter]):
     return contextlib.nullcontext()
 
 
-class LlavaVisionTower(DripVisionTower):
-    """The DripVisionTower that LLaVA runs: the same (features, mask), and on request DRIP's unweighted rate loss
-    of the batch (mean over its images), which a trained tower adds to the LLaVA loss."""
-
-    def forward(self, pixel_values: torch.Tensor, return_rate_loss: bool = False):
-        pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            out = self.model.forward_features(pixel_values, output_hidden_states=True)
-        n_cls = int(self.config.class_token)
-        feats = out.hidden_states[self.layer_index][:, n_cls:]
-        mask = out.hidden_masks[self.layer_index][:, n_cls:]
-        return (feats, mask, out.rate_loss) if return_rate_loss else (feats, mask)
-
-
 @dataclass
 class DripLlavaCausalLMOutput(CausalLMOutputWithPast):
     """CausalLMOutputWithPast + what the vision side did in this forward: `rate_loss` (DRIP's unweighted rate loss,
@@ -118,9 +104,9 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
         self.vision_tower: DripVisionTower | None = None
         self.mm_projector: nn.Module | None = None
         if config.vision_config is not None:
-            self.vision_tower = LlavaVisionTower(load_drip_model(config.vision_config),
-                                                 config.mm_vision_select_layer,
-                                                 frozen=not config.unfreeze_mm_vision_tower)
+            self.vision_tower = DripVisionTower(load_drip_model(config.vision_config),
+                                                config.mm_vision_select_layer,
+                                                frozen=not config.unfreeze_mm_vision_tower)
             self.mm_projector = self._new_projector()
         self.post_init()
 
@@ -142,7 +128,7 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
         a stage-1 projector (`pretrain_mm_mlp_adapter`: mm_projector.safetensors / .bin / its folder) for
         stage 2. Records everything needed to rebuild them in self.config."""
         drip = load_drip_model(vision_tower_spec, **tower_overrides)
-        tower = LlavaVisionTower(drip, select_layer=select_layer, frozen=not unfreeze_vision_tower)
+        tower = DripVisionTower(drip, select_layer=select_layer, frozen=not unfreeze_vision_tower)
         ref = self.get_input_embeddings().weight
         device = ref.device if ref.device.type != "meta" else torch.device("cpu")
         # A frozen tower may follow the LLM's dtype; trainable weights stay fp32 (autocast handles compute).

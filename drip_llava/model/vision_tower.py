@@ -8,6 +8,7 @@ is an error for DRIP towers (any block is fine for the plain ViT, compression 1)
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -35,14 +36,16 @@ def resolve_select_layer(config: DripVisionConfig, select_layer: int) -> int:
 
 class DripVisionTower(nn.Module):
     """`tower(pixel_values) -> (features [B,S,D], mask [B,S])`: tokens of the selected block, CLS dropped,
-    padded to the batch's longest image. Frozen by default: eval mode whatever the parent's mode (no
-    boundary noise, an image's tokens never depend on its batch-mates) and no autograd graph."""
+    padded to the batch's longest image (`return_rate_loss=True` adds DRIP's rate loss). Frozen by default: eval
+    mode whatever the parent's mode (no boundary noise, an image's tokens never depend on its batch-mates) and no
+    autograd graph."""
 
     def __init__(self, model: DripVisionModel, select_layer: int = -2, frozen: bool = True):
         super().__init__()
         self.model = model
         self.select_layer = select_layer
         self.layer_index = resolve_select_layer(model.config, select_layer)
+        self._stops_at_layer = "output_layer" in inspect.signature(model.forward_features).parameters
         self.image_processor = model.preprocess
         self.set_frozen(frozen)
 
@@ -78,14 +81,22 @@ class DripVisionTower(nn.Module):
         self.model.train(mode and not self.frozen)
         return self
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixel_values: torch.Tensor, return_rate_loss: bool = False):
+        """(features, mask), or with `return_rate_loss` (features, mask, DRIP's unweighted rate loss of the batch,
+        the mean over its images; 0 for a plain ViT). The encoder stops at the selected block: the later
+        blocks do not run and no hidden states are kept."""
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            out = self.model.forward_features(pixel_values, output_hidden_states=True)
-        n_cls = int(self.config.class_token)
-        feats = out.hidden_states[self.layer_index][:, n_cls:]  # [B,S,D] (or [B,L,D] for a plain ViT)
-        mask = out.hidden_masks[self.layer_index][:, n_cls:]  # [B,S] bool
-        return feats, mask
+            if self._stops_at_layer:
+                out = self.model.forward_features(pixel_values, output_layer=self.layer_index)
+                feats, mask = out.features, out.mask
+            else:  # an encoder without `output_layer`: every block, the selected hidden state taken
+                out = self.model.forward_features(pixel_values, output_hidden_states=True)
+                n_cls = int(self.config.class_token)
+                feats = out.hidden_states[self.layer_index][:, n_cls:]
+                mask = out.hidden_masks[self.layer_index][:, n_cls:]
+        # features [B,S,D] (or [B,L,D] for a plain ViT), mask [B,S] bool
+        return (feats, mask, out.rate_loss) if return_rate_loss else (feats, mask)
 
 
 def build_vision_tower(spec: Any, select_layer: int = -2, frozen: bool = True, **overrides) -> DripVisionTower:
