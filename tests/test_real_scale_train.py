@@ -136,13 +136,15 @@ def test_visual_token_counts_default_to_the_estimate_and_reuse_a_matching_cache(
     from types import SimpleNamespace
 
     from drip_llava.data import ImageLoader
+    from drip_llava.data.image_processor import DripLlavaImageProcessor
     from drip_llava.model.vision_tower import build_vision_tower
     from drip_llava.train.train import visual_token_counts
 
     data = write_alternating_data(tmp_path, 6)
     records = json.loads(data.read_text())
     tower = build_vision_tower(str(tiny_drip_dir))
-    loader = ImageLoader(str(tmp_path / "images"), tower.image_processor)
+    # the processor training builds (train.py: Recipe.image_processor), which the cache fingerprint includes
+    loader = ImageLoader(str(tmp_path / "images"), DripLlavaImageProcessor.from_vision_config(tower.config, "square"))
     targs = SimpleNamespace(output_dir=str(tmp_path / "out"), device=torch.device("cpu"), process_index=0,
                             world_size=1, should_save=True, per_device_train_batch_size=2, dataloader_num_workers=2)
 
