@@ -36,6 +36,7 @@ test-fast: install
 bench: install
 	$(PY) -m drip_llava.vision.bench --presets vit-b-16,drip-b-16-4x,drip-b-16-10x --mode infer --batch 8
 	$(PY) -m drip_llava.vision.bench --presets vit-b-16,drip-b-16-4x,drip-b-16-10x --mode train --batch 8
+	$(PY) -m drip_llava.vision.bench --llava-tower --repeats 2
 
 clean-demo:
 	rm -rf playground/demo

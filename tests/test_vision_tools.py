@@ -199,3 +199,51 @@ def test_visualize_saved_folder(tmp_path):
     assert visualize.segment_overlay(loaded, im)[1] == visualize.segment_overlay(model, im)[1]
     with pytest.raises(FileNotFoundError):
         visualize.load_model(str(tmp_path / "nothing"))
+
+
+def test_bench_profile_parts_and_paths(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--presets", "vit-tiny-16,drip-tiny-16-4x,drip-tiny-16-4x@padded", "--mode", "train", "--batch", "3",
+                "--repeats", "1", "--warmup", "0", "--profile", "--json", str(out)])
+    d = json.loads(out.read_text())
+    assert [r["short_path"] for r in d["results"]] == ["auto", "auto", "padded"]
+    prof = {r["preset"]: r for r in d["profile"]}
+    vit, drip = prof["vit-tiny-16"], prof["drip-tiny-16-4x"]
+    assert vit["seconds"]["predictor"] == vit["seconds"]["shortened blocks"] == 0
+    for p in ("pre blocks", "predictor", "pooling", "shortened blocks", "head", "optimizer"):
+        assert drip["seconds"][p] > 0, p
+    assert drip["total_s"] == pytest.approx(sum(drip["seconds"].values()))
+    cfg = get_preset_config("drip-tiny-16-4x")
+    tokens = d["results"][1]["tokens_mean"]
+    assert sum(drip["gmacs"].values()) * 1e9 == pytest.approx(flops.analytic_macs(cfg, tokens))
+    text = capsys.readouterr().out
+    assert "per-part profile" in text and "| drip-tiny-16-4x@padded | shortened blocks |" in text
+
+
+def test_stage_timer_infer_sums_to_the_step():
+    model = _model("drip-tiny-16-4x")
+    ticks = iter(range(100))
+    timer = bench.StageTimer(lambda: float(next(ticks)), torch.device("cpu"))
+    model.stage_hook = timer
+    timer.start()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 128, 128))
+    parts = timer.finish()
+    # one tick per stage mark: embed+pre blocks 2, then predictor, pooling, short blocks, head 1 each (+ finish)
+    assert parts["pre blocks"] == 2 and parts["predictor"] == parts["pooling"] == parts["shortened blocks"] == 1
+    assert sum(parts.values()) == 7 and parts["optimizer"] == 0
+
+
+def test_bench_rejects_bad_path_suffix():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--presets", "vit-tiny-16,drip-tiny-16-4x@sideways"])
+
+
+def test_bench_llava_tower(capsys):
+    res = bench.main(["--llava-tower", "--tower-preset", "drip-tiny-16-4x", "--image-size", "128", "--batch", "2",
+                      "--repeats", "1", "--warmup", "0"])
+    full, stop = res["results"]
+    assert (full["path"], stop["path"]) == ("hidden states", "stop at layer")
+    assert full["blocks_run"] == 6 and stop["blocks_run"] == 5 and res["max_abs_diff"] == 0
+    assert "| stop at layer | 5 |" in capsys.readouterr().out
+    assert bench.parse_args(["--llava-tower"]).batch == 16 and bench.parse_args(["--llava-tower"]).image_size == 336
