@@ -141,7 +141,8 @@ def test_tome_runs_on_a_trained_vit_folder_without_training(tmp_path):
 
 
 def test_tome_proportional_attention_and_mean_pool_flops():
-    for kw in ({"proportional_attention": False}, {"pool": "mean", "class_token": False}, {"merge_r": [0, 16, 0, 8, 8, 0]}):
+    for kw in ({"proportional_attention": False}, {"pool": "mean", "class_token": False},
+               {"merge_r": [0, 16, 0, 8, 8, 0]}):
         m = _model("tome-tiny-16-r8", **kw).eval()
         assert flops.counted_macs(m) == pytest.approx(flops.analytic_macs(m.config), rel=0.01)
 
@@ -225,7 +226,8 @@ def test_dynamicvit_ratio_loss_moves_keep_rates_to_target():
 # ---- pictures -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("preset", ["tome-tiny-16-r8", "dynamicvit-tiny-16-rho0.5"])
 def test_visualize_draws_merged_and_dropped_patches(preset, tmp_path):
-    from drip_llava.vision import images as example_images, visualize
+    from drip_llava.vision import images as example_images
+    from drip_llava.vision import visualize
 
     model = _model(preset).eval()
     im = example_images.load_image("example:astronaut")
@@ -236,3 +238,27 @@ def test_visualize_draws_merged_and_dropped_patches(preset, tmp_path):
     assert int((labels < 0).sum()) == (0 if model.config.family == "tome" else 64 - n)
     res = visualize.main(["--model", preset, "--image", "example:coffee", "--out", str(tmp_path / "p.png")])
     assert (tmp_path / "p.png").is_file() and res["num_tokens"] == [n]
+
+
+@pytest.mark.parametrize("preset,family", [("tome-tiny-16-r8", "tome"), ("dynamicvit-tiny-16-rho0.5", "dynamicvit")])
+def test_family_as_llava_tower(preset, family, tiny_llm_dir):
+    """A family preset goes through the one spec function into LLaVA: the frozen tower (eval mode) gives each
+    image the token count its config states for the block LLaVA reads, and the LLM trains on it."""
+    from drip_llava.constants import IMAGE_TOKEN_INDEX
+    from drip_llava.model.llava_llama import DripLlavaForCausalLM
+
+    torch.manual_seed(0)
+    model = DripLlavaForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32)
+    model.initialize_vision_modules(preset)
+    tower = model.get_vision_tower()
+    assert tower.model.config.family == family
+    n = tower.model.config.tokens_after_block(-2)
+    assert tower.max_tokens == n
+    images = torch.randn(2, 3, 128, 128)
+    assert [t.shape[0] for t in model.encode_images(images)] == [n, n]
+    ids = torch.tensor([[5, IMAGE_TOKEN_INDEX, 7, 8, 9]] * 2)
+    model.train()
+    out = model(input_ids=ids, labels=ids.clamp(min=0), images=images)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None for p in model.mm_projector.parameters())

@@ -128,7 +128,8 @@ def test_eval_boundary_count_matches_the_training_expectation():
     with torch.no_grad():
         m.boundary_predictor.mlp[2].bias.fill_(-1.2)  # sigmoid ~ 0.23 on average: ~15 of 64 patches
         x = images(4)
-        logits = m.boundary_predictor(m.forward_features(x, output_hidden_states=True).hidden_states[m.config.n_pre][:, 1:])
+        hidden = m.forward_features(x, output_hidden_states=True).hidden_states
+        logits = m.boundary_predictor(hidden[m.config.n_pre][:, 1:])
         expected = torch.sigmoid(logits[:, :-1]).sum(1).round() + 1
         out = m(x)
         assert torch.equal(out.num_tokens, expected.long())

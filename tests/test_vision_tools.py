@@ -6,10 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from drip_llava.vision import DripVisionModel, get_preset_config, list_presets
-from drip_llava.vision import bench, flops, images, visualize
-from drip_llava.vision.calibrate import calibrate_boundary_bias
+from drip_llava.vision import DripVisionModel, bench, flops, get_preset_config, images, list_presets, visualize
 from drip_llava.vision import config as vcfg
+from drip_llava.vision.calibrate import calibrate_boundary_bias
 
 TINY = [p for p in list_presets() if "tiny" in p]
 RULES = getattr(vcfg, "EVAL_BOUNDARIES", ("threshold",))  # eval boundary rules the encoder offers

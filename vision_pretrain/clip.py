@@ -50,7 +50,7 @@ def build_vision(name: str | None, init, overrides: dict) -> DripVisionModel:
     """Preset `name` (random init) without `init`; else `init` as drip_llava.vision.spec.load_drip_model reads it,
     pretrained ViTs taking their shape from the checkpoint and DRIP fields from the preset (when given) + overrides."""
     if init is None:
-        return DripVisionModel.from_preset(name or DEFAULT_PRESET, **overrides)
+        return load_drip_model(name or DEFAULT_PRESET, **overrides)
     return load_drip_model(init, preset=name, **overrides)
 
 

@@ -113,8 +113,12 @@ class VisualTokenBudget:
     counts: Optional[dict] = None  # image path (as in the JSON) -> tokens
 
     @classmethod
-    def from_vision_config(cls, config, counts: Optional[dict] = None) -> "VisualTokenBudget":
-        max_tokens = int(getattr(config, "max_tokens", config.num_patches))
+    def from_vision_config(cls, config, counts: Optional[dict] = None,
+                           max_tokens: Optional[int] = None) -> "VisualTokenBudget":
+        """`max_tokens`: the tower's bound at the block LLaVA reads (DripVisionTower.max_tokens), when it differs
+        from the config's bound after the last block (token-merging families)."""
+        if max_tokens is None:
+            max_tokens = int(getattr(config, "max_tokens", config.num_patches))
         est = int(math.ceil(config.num_patches * getattr(config, "target_rate", 1.0)))
         return cls(max_tokens=max_tokens, estimate=min(est, max_tokens), counts=counts)
 

@@ -60,8 +60,13 @@ class DripVisionTower(nn.Module):
 
     @property
     def max_tokens(self) -> int:
-        """Upper bound of visual tokens per image (for context budgets; the real count is per image)."""
-        return self.model.config.max_tokens
+        """Upper bound of visual tokens per image at the selected block (for context budgets and truncation; the
+        real count is per image). Families that shrink the sequence block by block (ToMe, DynamicViT in eval) know
+        the count after each block; a tower in training mode may keep every patch (DynamicViT masks instead)."""
+        c = self.model.config
+        if hasattr(c, "tokens_after_block"):
+            return c.tokens_after_block(self.select_layer) if not self.model.training else c.num_patches
+        return c.max_tokens
 
     @property
     def dtype(self) -> torch.dtype:

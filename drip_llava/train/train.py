@@ -143,7 +143,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     loader = ImageLoader(data_args.image_folder, recipe.image_processor(model))  # the one every save writes
     records = load_llava_json(data_args.data_path)
     counts = visual_token_counts(tower, loader, records, data_args, training_args)
-    budget = VisualTokenBudget.from_vision_config(tower.config, counts)
+    budget = VisualTokenBudget.from_vision_config(tower.config, counts, max_tokens=tower.max_tokens)
     dataset = LazySupervisedDataset(records, tokenizer, model_args.version, loader, training_args.model_max_length,
                                     budget=budget, skip_bad_samples=data_args.skip_bad_samples,
                                     preprocess_text=not data_args.lazy_preprocess)

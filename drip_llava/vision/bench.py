@@ -44,6 +44,7 @@ import torch
 
 from .calibrate import MODES, calibrate_boundary_bias
 from .config import list_presets
+from .families import create_model
 from .flops import analytic_macs, default_tokens_short, macs_breakdown
 
 # wall: perf_counter (what a user sees). cpu: process CPU time, robust when other jobs share the cores; use it
@@ -151,13 +152,12 @@ class Runner:
 
     def __init__(self, preset: str, mode: str, batch: int, device: torch.device, image_size=None,
                  bf16: bool = False, calibrate: bool = True, seed: int = 0, lr: float = 1e-6, clock: str = "wall"):
-        from .model import DripVisionModel
 
         torch.manual_seed(seed)
         overrides = {"image_size": image_size} if image_size else {}
         self.preset, self.mode, self.device, self.clock = preset, mode, device, CLOCKS[clock]
         name, _, path = preset.partition("@")
-        self.model = DripVisionModel.from_preset(name, **overrides).to(device)
+        self.model = create_model(name, **overrides).to(device)
         self.model.short_path = path or "auto"
         c = self.model.config
         g = torch.Generator().manual_seed(seed + 1)
@@ -374,7 +374,8 @@ def run_benchmark(presets: Sequence[str], mode: str = "infer", batch: int = 8, r
     below = [r["preset"] for r, run in zip(rows, runners) if run.model.config.is_drip and r["speed_over_mac"] < goal]
     prof = None
     if profile or (profile is None and below):
-        prof = run_profile(runners, repeats, clock)
+        # the parts are DRIP's stages (ViT = DRIP at compression 1); other families are timed whole
+        prof = run_profile([r for r in runners if r.model.config.family == "drip"], repeats, clock)
     return {
         "goal_speed_over_mac": goal, "below_goal": below, "profile": prof,
         "mode": mode, "batch": batch, "repeats": repeats, "warmup": warmup, "device": str(dev),
@@ -423,14 +424,13 @@ def run_tower_benchmark(preset: str = "vit-l-14", image_size: Optional[int] = 33
     stops at the selected block. Checks both give the same tokens."""
     from drip_llava.model.vision_tower import DripVisionTower
 
-    from .model import DripVisionModel
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if clock == "cpu" and dev.type == "cuda":
         raise ValueError("--clock cpu measures host CPU time; use wall on GPU")
     torch.manual_seed(seed)
     name, _, path = preset.partition("@")
-    model = DripVisionModel.from_preset(name, **({"image_size": image_size} if image_size else {}))
+    model = create_model(name, **({"image_size": image_size} if image_size else {}))
     model.short_path = path or "auto"
     model = model.to(device=dev, dtype=torch.bfloat16 if bf16 else torch.float32)
     c = model.config
@@ -515,9 +515,9 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     args.presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     specs = args.presets + ([args.tower_preset] if args.llava_tower else [])
-    unknown = [p for p in specs if p.partition("@")[0] not in list_presets()]
+    unknown = [p for p in specs if p.partition("@")[0] not in list_presets(None)]
     if unknown:
-        ap.error(f"unknown preset(s) {unknown}; valid: {', '.join(list_presets())}")
+        ap.error(f"unknown preset(s) {unknown}; valid: {', '.join(list_presets(None))}")
     bad_path = [p for p in specs if p.partition("@")[2] not in ("",) + SHORT_PATHS]
     if bad_path:
         ap.error(f"unknown path suffix in {bad_path}; valid: @{', @'.join(SHORT_PATHS)}")

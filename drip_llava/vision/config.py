@@ -81,7 +81,8 @@ class DripVisionConfig(PretrainedConfig):
         if compression > 1 and not 0 < n_pre < depth:
             raise ValueError(f"n_pre must be in 1..depth-1 for DRIP, got n_pre={n_pre}, depth={depth}")
         for name, value, allowed in (("rate_loss", rate_loss, RATE_LOSSES), ("boundary_mode", boundary_mode,
-                                     BOUNDARY_MODES), ("eval_boundaries", eval_boundaries, EVAL_BOUNDARIES), ("pool", pool, POOLS), ("act", act, ACTS)):
+                                     BOUNDARY_MODES), ("eval_boundaries", eval_boundaries, EVAL_BOUNDARIES),
+                                    ("pool", pool, POOLS), ("act", act, ACTS)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}; valid: {allowed}")
         if pool == "cls" and not class_token:

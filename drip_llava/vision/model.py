@@ -190,7 +190,8 @@ def sample_boundaries(logits: torch.Tensor, config: DripVisionConfig, training: 
     """Returns (b, soft): b [B,L] hard 0/1 values (straight-through gradient in training), soft [B,L] or None.
 
     Training: Gumbel-Sigmoid (RelaxedBernoulli) + hard straight-through. Eval: no noise (see
-    `DripVisionConfig.eval_boundaries`), so an image always gets the same tokens. The last patch always closes a segment (>= 1 segment per image).
+    `DripVisionConfig.eval_boundaries`), so an image always gets the same tokens. The last patch always closes a
+    segment (>= 1 segment per image).
     """
     if training:
         u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
@@ -264,6 +265,9 @@ class DripVisionModel(PreTrainedModel):
     _no_split_modules = ["Block"]
 
     def __init__(self, config: DripVisionConfig):
+        if type(self) is DripVisionModel and config.family != "drip":  # a ToMe/DynamicViT config would build a ViT
+            raise ValueError(f"a {config.family!r} config needs its own class: use drip_llava.vision.create_model / "
+                             "from_pretrained")
         super().__init__(config)
         D = config.hidden_size
         self.patch_embed = nn.Conv2d(3, D, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
@@ -437,7 +441,8 @@ class DripVisionModel(PreTrainedModel):
             x = pack.unpack(x)  # [B, n_cls + S, D], zeros at the padding
         return DripVisionOutput(
             features=x[:, n_cls:], mask=mask, num_tokens=num_tokens, boundaries=b, rate_loss=loss,
-            pooled=None, cls_token=x[:, 0] if n_cls else None, hidden_states=tuple(hidden) if hidden is not None else None,
+            pooled=None, cls_token=x[:, 0] if n_cls else None,
+            hidden_states=tuple(hidden) if hidden is not None else None,
             hidden_masks=tuple(masks) if masks is not None else None,
         )
 

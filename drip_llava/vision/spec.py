@@ -9,6 +9,7 @@ from typing import Any, Optional
 from torch import nn
 
 from .config import DripVisionConfig, list_presets
+from .families import create_model, from_pretrained
 from .hf_clip_import import CLIP_MODEL_TYPES, is_hf_clip_folder
 from .model import DripVisionModel
 
@@ -16,8 +17,9 @@ OPEN_CLIP_PREFIX = "open_clip:"
 
 
 def load_drip_model(spec: Any, preset: Optional[str] = None, **overrides) -> DripVisionModel:
-    """A DripVisionModel from: an instance, a DripVisionConfig / config dict (random weights, to be filled from
-    a checkpoint), a DripVisionModel folder, an HF CLIP folder or model (config model_type clip /
+    """A tower of any family (DRIP, plain ViT, ToMe, DynamicViT: a DripVisionModel) from: an instance, a
+    DripVisionConfig / config dict (random weights, to be filled from a checkpoint; its `family` picks the class),
+    a tower folder (any family), an HF CLIP folder or model (config model_type clip /
     clip_vision_model, e.g. openai/clip-vit-large-patch14-336 downloaded), an open_clip model (or its `.visual`),
     `open_clip:NAME[:PRETRAINED]` (PRETRAINED = tag or local file), or a preset name. For the pretrained ViTs
     (HF CLIP, open_clip) `preset` gives the DRIP fields to import into and `overrides` such as compression=4.0
@@ -31,10 +33,8 @@ def load_drip_model(spec: Any, preset: Optional[str] = None, **overrides) -> Dri
         return DripVisionModel.from_hf_clip(spec, preset=preset, **overrides)
     if isinstance(spec, nn.Module):  # an open_clip CLIP model or its .visual ViT: the plain-ViT LLaVA baseline
         return DripVisionModel.from_open_clip(spec, preset=preset, **overrides)
-    if isinstance(spec, DripVisionConfig):
-        return DripVisionModel(DripVisionConfig.from_dict({**spec.to_dict(), **overrides}))
-    if isinstance(spec, dict):
-        return DripVisionModel(DripVisionConfig.from_dict({**spec, **overrides}))
+    if isinstance(spec, (DripVisionConfig, dict)):  # the config's `family` picks the class
+        return create_model(spec, **overrides)
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"vision tower spec must be a folder, preset name, config dict, DripVisionModel or open_clip "
                         f"model, got {type(spec)}")
@@ -46,14 +46,14 @@ def load_drip_model(spec: Any, preset: Optional[str] = None, **overrides) -> Dri
                                     f"{sorted(p.name for p in path.iterdir())})")
         if is_hf_clip_folder(path):
             return DripVisionModel.from_hf_clip(path, preset=preset, **overrides)
-        return DripVisionModel.from_pretrained(str(path), **overrides)
+        return from_pretrained(path, **overrides)
     if text.startswith(OPEN_CLIP_PREFIX):
         name, _, pretrained = text[len(OPEN_CLIP_PREFIX):].partition(":")
         source = (name, pretrained) if pretrained else name
         return DripVisionModel.from_open_clip(source, preset=preset, **overrides)
-    presets = list_presets()
+    presets = list_presets(None)
     if text in presets:
-        return DripVisionModel.from_preset(text, **overrides)
+        return create_model(text, **overrides)
     raise ValueError(f"vision tower {text!r} is not a folder, not '{OPEN_CLIP_PREFIX}NAME[:PRETRAINED]' and not a "
                      f"preset (valid presets: {', '.join(presets)})")
 

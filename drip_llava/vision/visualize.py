@@ -160,7 +160,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m drip_llava.vision.visualize", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="model folder (save_pretrained) or preset name (random init)")
     ap.add_argument("--image", action="append", required=True,
-                    help="image path or example:NAME (astronaut, chelsea, coffee, rocket, camera, grace_hopper); repeat")
+                    help="image path or example:NAME (astronaut, chelsea, coffee, rocket, camera, grace_hopper); "
+                         "repeat")
     ap.add_argument("--out", required=True, help="output PNG")
     ap.add_argument("--cols", type=int, default=None, help="grid columns (default: up to 3)")
     ap.add_argument("--seed", type=int, default=0, help="init seed for a preset")
