@@ -13,7 +13,13 @@ truncated file becomes an `ImageRejected` with a message fit for the user, not a
 is kept at its decoded size; the checkpoint's DripLlavaImageProcessor (`loaded.image_processor`, the one training
 used) turns it into pixels, so an image within the pixel limit gets the same tensor here as in training and eval.
 
-`ChatSession` is the plain-data state of one conversation (image, turns, per-answer stats).
+`ChatSession` is the plain-data state of one conversation (image, turns, per-answer stats). An image is encoded
+once per conversation: `describe_image` runs the tower once, keeps the projected visual tokens in the
+`ImageInfo` (`features`) and draws the overlay from the same run's segments; `chat` splices those tokens into
+every question's prompt, so the tower does not run again while the conversation goes on.
+
+`generate_batch` answers several single-prompt requests in one left-padded batch (eval.generate's
+`--batch-size`); under greedy decoding its answers equal `generate`'s one by one.
 """
 from __future__ import annotations
 
@@ -152,6 +158,7 @@ class ImageInfo:
     size: tuple[int, int]
     overlay: Optional[Image.Image] = None  # segment picture on the model's view of the image
     notes: list[str] = field(default_factory=list)
+    features: Optional[torch.Tensor] = field(default=None, repr=False)  # projected visual tokens [n, hidden]
 
     @property
     def compression(self) -> float:
@@ -347,14 +354,42 @@ class ChatEngine:
 
     @torch.inference_mode()
     def describe_image(self, image: Image.Image, overlay: bool = True) -> ImageInfo:
-        """Visual token count (as the LLM will get them) and, optionally, the segment overlay picture."""
-        from drip_llava.vision.visualize import segment_overlay
-
+        """Visual token count (as the LLM will get them), the projected visual tokens (`features`, reused by every
+        question of the conversation) and, optionally, the segment overlay picture; the tower runs once."""
         with self._lock:
-            n = int(self.inner.encode_images(self.pixel_values(image))[0].shape[0])
-            # drawn on the processor's view (padded when it pads), which the tower's transform then only resizes
-            pic = segment_overlay(self.tower.model, self.image_processor.prepare(image))[0] if overlay else None
-        return ImageInfo(num_tokens=n, num_patches=self.tower.config.num_patches, size=image.size, overlay=pic)
+            features, labels = self._encode_image(image, with_labels=overlay)
+            pic = None
+            if overlay:
+                from drip_llava.vision.visualize import draw_segments, model_view, segment_overlay
+
+                # drawn on the processor's view (padded when it pads), which the tower's transform only resizes
+                view = self.image_processor.prepare(image)
+                if labels is None:  # a tower without `output_layer`: the segments come from a second run
+                    pic = segment_overlay(self.tower.model, view)[0]
+                else:
+                    g = self.tower.config.grid_size
+                    pic = draw_segments(model_view(self.tower.model, view), labels.reshape(g, g))
+        return ImageInfo(num_tokens=int(features.shape[0]), num_patches=self.tower.config.num_patches,
+                         size=image.size, overlay=pic, features=features)
+
+    def _encode_image(self, image: Image.Image, with_labels: bool = False):
+        """(projected visual tokens [n, hidden], each patch's token id as a numpy array [L] or None). One tower
+        run at the block the LLM reads: the labels (DRIP's segments from its boundaries, another family's
+        `patch_token`) describe the tokens the LLM gets."""
+        pixels = self.pixel_values(image)
+        tower = self.tower
+        if not (with_labels and tower._stops_at_layer):
+            return self.inner.encode_images(pixels)[0], None
+        out = tower.model.forward_features(pixels, output_layer=tower.layer_index)
+        features = self.inner.project_features(out.features, out.mask)[0]
+        if out.boundaries is not None:
+            b = out.boundaries[0].float()
+            labels = (torch.cumsum(b, 0) - b).round().long()  # exclusive cumsum = segment id
+        elif getattr(out, "patch_token", None) is not None:
+            labels = out.patch_token[0]
+        else:  # every patch its own token
+            labels = torch.arange(tower.config.num_patches)
+        return features, labels.cpu().numpy()
 
     # -------------------------------------------------------------------------------------- prompts
     def prompt_ids(self, messages: list[dict], has_image: bool) -> tuple[str, torch.Tensor]:
@@ -385,15 +420,21 @@ class ChatEngine:
         return msgs, prompt, ids, budget, dropped
 
     # -------------------------------------------------------------------------------------- generation
-    def _prepare(self, messages, image, settings, visual_tokens):
+    def _prepare(self, messages, image, settings, visual_tokens, image_features=None):
         t0 = time.perf_counter()
-        has_image = image is not None
+        has_image = image is not None or image_features is not None
+        if image_features is not None:
+            visual_tokens = int(image_features.shape[0])
         estimate = visual_tokens if visual_tokens is not None else (self.tower.max_tokens if has_image else 0)
         _, prompt, ids, max_new, dropped = self.fit_context(messages, has_image, estimate, settings.max_new_tokens)
         with torch.inference_mode():
-            pixels = self.pixel_values(image) if has_image else None
-            embeds, mask, _, _ = self.inner.prepare_inputs_labels_for_multimodal(ids, None, None, pixels,
-                                                                                 padding_side="left")
+            if image_features is not None:
+                embeds, mask, _, _ = self.inner.prepare_inputs_labels_for_multimodal(
+                    ids, None, None, None, padding_side="left", image_features=[image_features.to(self.device)])
+            else:
+                pixels = self.pixel_values(image) if has_image else None
+                embeds, mask, _, _ = self.inner.prepare_inputs_labels_for_multimodal(ids, None, None, pixels,
+                                                                                     padding_side="left")
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
@@ -438,12 +479,13 @@ class ChatEngine:
 
     def generate(self, messages: list[dict], image: Optional[Image.Image] = None,
                  settings: Optional[GenerationSettings] = None, stop_event: Optional[threading.Event] = None,
-                 visual_tokens: Optional[int] = None) -> Reply:
-        """The whole answer at once (batch evaluation): same prompt, splicing and timings as `stream`."""
+                 visual_tokens: Optional[int] = None, image_features: Optional[torch.Tensor] = None) -> Reply:
+        """The whole answer at once (batch evaluation): same prompt, splicing and timings as `stream`.
+        `image_features` (an `ImageInfo.features`) replaces `image`: the tower does not run again."""
         settings = settings or GenerationSettings()
         stop_event = stop_event or threading.Event()
         with self._lock:
-            t0, t1, reply, kwargs, _ = self._prepare(messages, image, settings, visual_tokens)
+            t0, t1, reply, kwargs, _ = self._prepare(messages, image, settings, visual_tokens, image_features)
             timer = _TokenStreamer(self.tokenizer, to_queue=False) if settings.num_beams == 1 else None
             out = self.model.generate(**kwargs, streamer=timer, stopping_criteria=self._stopping(stop_event))
             ids = [int(t) for t in out[0].tolist()]
@@ -452,15 +494,17 @@ class ChatEngine:
 
     def stream(self, messages: list[dict], image: Optional[Image.Image] = None,
                settings: Optional[GenerationSettings] = None, stop_event: Optional[threading.Event] = None,
-               visual_tokens: Optional[int] = None, poll_s: float = 0.1) -> Iterator[Reply]:
+               visual_tokens: Optional[int] = None, poll_s: float = 0.1,
+               image_features: Optional[torch.Tensor] = None) -> Iterator[Reply]:
         """Yield a partial Reply (text so far) after every new token, then the final Reply (done=True).
-        Setting `stop_event` ends the answer at the next token; leaving the generator early also stops it."""
+        Setting `stop_event` ends the answer at the next token; leaving the generator early also stops it.
+        `image_features` (an `ImageInfo.features`) replaces `image`: the tower does not run again."""
         settings = settings or GenerationSettings()
         if settings.num_beams != 1:
             raise ValueError("streaming needs num_beams=1 (transformers cannot stream beam search)")
         stop_event = stop_event or threading.Event()
         with self._lock:
-            t0, t1, reply, kwargs, _ = self._prepare(messages, image, settings, visual_tokens)
+            t0, t1, reply, kwargs, _ = self._prepare(messages, image, settings, visual_tokens, image_features)
             streamer = _TokenStreamer(self.tokenizer)
             error: list[BaseException] = []
 
@@ -501,12 +545,16 @@ class ChatEngine:
     def chat(self, session: ChatSession, settings: Optional[GenerationSettings] = None,
              stop_event: Optional[threading.Event] = None) -> Iterator[Reply]:
         """Stream the answer to the session's pending question; the final reply (also a stopped one) is added
-        to the session."""
+        to the session. The image's visual tokens come from `session.image_info.features` when `describe_image`
+        made them (the tower does not run per question), else the image is encoded for this answer."""
         if not session.pending:
             raise ValueError("no pending question in the session")
-        hint = session.image_info.num_tokens if session.image_info is not None else None
+        info = session.image_info
+        hint = info.num_tokens if info is not None else None
+        features = info.features if info is not None and session.image is not None else None
         final = None
-        for reply in self.stream(session.messages, session.image, settings, stop_event, visual_tokens=hint):
+        for reply in self.stream(session.messages, session.image, settings, stop_event, visual_tokens=hint,
+                                 image_features=features):
             final = reply
             if reply.done:
                 session.add_answer(reply)

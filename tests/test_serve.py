@@ -237,6 +237,37 @@ def test_stop_event_and_text_only(engine):
     assert beams.done and beams.new_tokens == 4 and beams.prefill_ms is None
 
 
+def test_image_is_encoded_once_per_conversation(engine, files, monkeypatch):
+    """describe_image runs the tower once (tokens + overlay); three questions reuse its tokens, and every answer
+    equals the one from re-encoding the image for that question."""
+    image, _ = engine.load_image(files.photo)
+    tower_model = engine.tower.model
+    calls = []
+    run = tower_model.forward_features
+    monkeypatch.setattr(tower_model, "forward_features", lambda *a, **k: calls.append(1) or run(*a, **k))
+    info = engine.describe_image(image)
+    assert len(calls) == 1 and info.overlay is not None and info.features.shape[0] == info.num_tokens
+    settings = GenerationSettings(temperature=0, max_new_tokens=8)
+    session = ChatSession()
+    session.set_image(image, info, "chelsea")
+    for q in ("What is in this image?", "What colour is it?", "Where is it?"):
+        session.add_question(q)
+        final = list(engine.chat(session, settings))[-1]
+        assert final.visual_tokens == info.num_tokens
+    assert len(calls) == 1  # no tower run for the questions
+    monkeypatch.undo()
+    for k, reply in enumerate(session.replies):  # re-encoded for each question: the same answers
+        again = engine.generate(session.messages[:2 * k + 1], image, settings)
+        assert again.text == reply.text and again.visual_tokens == reply.visual_tokens
+    # the cached tokens and the overlay's segments are those of a fresh encode
+    fresh = engine.inner.encode_images(engine.pixel_values(image))[0]
+    assert torch.equal(info.features, fresh)
+    from drip_llava.vision.visualize import segment_overlay
+
+    pic, n = segment_overlay(tower_model, engine.image_processor.prepare(image))
+    assert n == info.num_tokens and pic.tobytes() == info.overlay.tobytes()
+
+
 def test_context_is_fitted_with_real_token_counts(engine, files):
     image, _ = engine.load_image(files.photo)
     info = engine.describe_image(image, overlay=False)

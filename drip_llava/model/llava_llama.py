@@ -184,9 +184,13 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
         if self.vision_tower is None:
             raise RuntimeError("this model has no vision tower; call initialize_vision_modules(...) first")
         feats, mask, rate = self.vision_tower(images, return_rate_loss=True)  # [N,S,D], [N,S], scalar
+        return self.project_features(feats, mask), (rate if self._tower_trains() else None)
+
+    def project_features(self, feats: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Tower features [N,S,D] + mask [N,S] -> N projected tensors [n_i, hidden] (the padding rows dropped)."""
         proj_dtype = next(self.mm_projector.parameters(), feats).dtype
         tokens = self.mm_projector(feats.to(proj_dtype))  # [N,S,hidden]; per-token, so padding rows are inert
-        return [t[m] for t, m in zip(tokens, mask)], (rate if self._tower_trains() else None)
+        return [t[m] for t, m in zip(tokens, mask)]
 
     def _needs_vision_pass(self) -> bool:
         """Whether a batch without images must still run the vision modules: in training with grad (every
@@ -212,15 +216,20 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
 
     def prepare_inputs_labels_for_multimodal(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                                              labels: torch.Tensor | None = None, images: torch.Tensor | None = None,
-                                             padding_side: str = "right"):
+                                             padding_side: str = "right",
+                                             image_features: list[torch.Tensor] | None = None):
         """Splice image tokens in at the placeholders and re-pad. Returns (inputs_embeds [B,T',H], attention_mask
         [B,T'] long, position_ids [B,T'], labels [B,T'] or None). Padding in the input (by attention_mask, on any
         side) is dropped first; `padding_side` is that of the output ("left" for generation).
         `images`: [B,3,H,W] aligned with the batch (rows of text-only samples are ignored), or only the
-        images of the samples that have a placeholder, in batch order."""
-        return self._prepare_multimodal(input_ids, attention_mask, labels, images, padding_side)[:4]
+        images of the samples that have a placeholder, in batch order. `image_features` instead of `images`:
+        already projected visual tokens ([n_i, hidden], e.g. from `encode_images`), one per placeholder sample in
+        batch order; the tower does not run (an image encoded once serves every question about it)."""
+        return self._prepare_multimodal(input_ids, attention_mask, labels, images, padding_side,
+                                        image_features=image_features)[:4]
 
-    def _prepare_multimodal(self, input_ids, attention_mask=None, labels=None, images=None, padding_side="right"):
+    def _prepare_multimodal(self, input_ids, attention_mask=None, labels=None, images=None, padding_side="right",
+                            image_features=None):
         """prepare_inputs_labels_for_multimodal + a dict of what the vision side did (rate_loss, num_images,
         visual_tokens; see DripLlavaCausalLMOutput)."""
         if padding_side not in ("left", "right"):
@@ -241,7 +250,11 @@ class DripLlavaForCausalLM(LlamaForCausalLM):
 
         feats: list[torch.Tensor] = []
         rate = keeper = None
-        if n_img:
+        if n_img and image_features is not None:
+            if len(image_features) != n_img:
+                raise ValueError(f"got {len(image_features)} image_features for {n_img} samples with a placeholder")
+            feats = list(image_features)
+        elif n_img:
             if images is None:
                 raise ValueError(f"{n_img} samples hold an image placeholder but images=None")
             if self.vision_tower is None:
