@@ -15,14 +15,15 @@ MACs per image (D width, H = mlp_ratio*D, N tokens incl. CLS, L patches, S segme
   DRIP       = L*3*p^2*D + n_pre*block(1+L) + (L*D*D_inner + L*D_inner) [predictor] + L*S*D [pooling]
                + n_short*block(1+S) + D*E
   other tower families (`config.family`): `FAMILY_MACS[family](config)`, each documented at its function;
-  their token counts per block are fixed by the config in eval mode, so no `tokens_short` is taken.
+  their token counts per block are fixed by the config in eval mode, so no `tokens_short` is taken (A-ViT's
+  depend on the image: the config's figure is at its reference counts, which `counted_macs` forces).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -79,7 +80,20 @@ def dynamicvit_macs(config) -> dict:
             "projection": D * c.embed_dim, "tokens_out": c.max_tokens}
 
 
-FAMILY_MACS = {"tome": tome_macs, "dynamicvit": dynamicvit_macs}
+def avit_macs(config, tokens_per_block: Optional[Sequence[int]] = None) -> dict:
+    """A-ViT at inference: block i on the tokens still running when it starts (CLS included); the halting
+    neuron is element-wise (not counted). Token counts are per image: `tokens_per_block` (e.g. from an output's
+    `token_depth`), by default `config.reference_tokens()` (patches halting as the target distribution says)."""
+    c = config
+    L, D = c.num_patches, c.hidden_size
+    n = list(c.reference_tokens() if tokens_per_block is None else tokens_per_block)
+    if len(n) != c.depth:
+        raise ValueError(f"tokens_per_block needs one count per block ({c.depth}), got {len(n)}")
+    return {"patch_embed": L * 3 * c.patch_size ** 2 * D, "blocks": sum(block_macs(c, t) for t in n),
+            "projection": D * c.embed_dim, "tokens_out": c.max_tokens}
+
+
+FAMILY_MACS = {"tome": tome_macs, "dynamicvit": dynamicvit_macs, "avit": avit_macs}
 
 
 def macs_breakdown(config: DripVisionConfig, tokens_short: Optional[float] = None) -> dict:
@@ -186,10 +200,11 @@ def counted_macs(model, image_size: Optional[int] = None, tokens_short: Optional
     the same S as `analytic_macs`. ViT: a plain forward (tokens_short must be None or L)."""
     c = model.config
     x = _dummy_pixels(model, image_size)
-    if c.family != "drip":  # token counts are fixed by the config in eval mode
+    if c.family != "drip":  # token counts are fixed by the config in eval mode (or forced to its reference)
         if tokens_short is not None:
             raise ValueError(f"family {c.family!r}: token counts come from the config, tokens_short must be None")
-        macs, _ = count_forward_macs(model, x)
+        with (model.reference_tokens() if hasattr(model, "reference_tokens") else nullcontext()):
+            macs, _ = count_forward_macs(model, x)
         return float(macs)
     if not c.is_drip:
         if tokens_short is not None and tokens_short != c.num_patches:
