@@ -125,3 +125,33 @@ def test_macs_at_the_realised_token_counts():
     # the config's figure: patches halting as the target distribution says
     assert m.config.reference_tokens() == [65, 65, 61, 46, 20, 4]
     assert flops.counted_macs(m) == flops.analytic_macs(m.config)
+
+
+def test_visualize_draws_the_halting_depth(tmp_path):
+    from drip_llava.vision import visualize
+
+    res = visualize.main(["--model", "avit-tiny-16", "--image", "example:coffee", "--out", str(tmp_path / "d.png")])
+    assert (tmp_path / "d.png").is_file() and res["num_tokens"] == [64]
+
+
+def test_avit_as_llava_tower(tiny_llm_dir):
+    """Through the one spec function into LLaVA: each image gives the LLM its tokens that did not halt before
+    `drop_halted_before` (at the block LLaVA reads), and the LLM trains on them."""
+    from drip_llava.constants import IMAGE_TOKEN_INDEX
+    from drip_llava.model.llava_llama import DripLlavaForCausalLM
+
+    torch.manual_seed(0)
+    model = DripLlavaForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32)
+    model.initialize_vision_modules("avit-tiny-16", halt_beta=-6.0, drop_halted_before=2)
+    tower = model.get_vision_tower()
+    assert tower.model.config.family == "avit" and tower.max_tokens == 64
+    x = images(2)
+    with torch.no_grad():
+        depth = tower.model.eval()(x).patch_depth
+    expected = (depth > 2).sum(1).tolist()  # LLaVA reads block depth-1 (select_layer -2), after block 2
+    assert [t.shape[0] for t in model.encode_images(x)] == expected and min(expected) < 64
+    ids = torch.tensor([[5, IMAGE_TOKEN_INDEX, 7, 8, 9]] * 2)
+    model.train()
+    out = model(input_ids=ids, labels=ids.clamp(min=0), images=x)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)

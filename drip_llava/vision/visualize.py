@@ -1,7 +1,7 @@
 """Pictures of DRIP's segments: each segment (a run of patches in raster order) gets one translucent colour,
 borders are drawn between neighbouring patches of different segments, and the token count goes in the title.
 Other tower families are drawn from their `patch_token` map the same way: ToMe's merged groups each get a colour,
-and patches a family dropped (DynamicViT) are darkened.
+and patches a family dropped (DynamicViT) are darkened. A-ViT is drawn as a heat map of each patch's halting depth.
 
 Eval mode only: the config's deterministic boundary rule (`eval_boundaries`; by default "expected", the
 round(sum sigmoid) highest-logit patches of each image; "threshold", sigmoid > threshold), no Gumbel noise, so
@@ -108,8 +108,33 @@ def draw_segments(view: Image.Image, labels: np.ndarray, alpha: float = 0.4,
     return out
 
 
+@torch.no_grad()
+def depth_overlay(model, pil_image: Image.Image, alpha: float = 0.5) -> tuple[Image.Image, int]:
+    """(heat map of each patch's depth, `patch_depth`: blocks run before it halted (A-ViT), dark = few, bright =
+    every block, on the model's view of the image; number of tokens), in eval mode."""
+    from matplotlib import colormaps
+
+    was_training = model.training
+    model.eval()
+    try:
+        p = next(model.parameters())
+        out = model.forward_features(model.preprocess(pil_image)[None].to(device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was_training)
+    g, depth = model.config.grid_size, model.config.depth
+    d = out.patch_depth[0].float().cpu().numpy().reshape(g, g)
+    heat = (colormaps["viridis"]((d - 1) / max(1, depth - 1))[..., :3] * 255).astype(np.uint8)
+    view = model_view(model, pil_image)
+    size = view.width * max(1, math.ceil(DISPLAY_MIN_SIZE / view.width))
+    base = view.resize((size, size), Image.BICUBIC)
+    return Image.blend(base, Image.fromarray(heat).resize((size, size), Image.NEAREST), alpha), int(out.num_tokens[0])
+
+
 def segment_overlay(model, pil_image: Image.Image) -> tuple[Image.Image, int]:
-    """(picture of the segments on the model's view of the image, number of tokens). Used by the Gradio app."""
+    """(picture of the segments on the model's view of the image, number of tokens). Used by the Gradio app.
+    A-ViT towers (nothing merged or pooled, tokens halt) get their depth heat map (`depth_overlay`)."""
+    if model.config.family == "avit":
+        return depth_overlay(model, pil_image)
     labels, n = segment_labels(model, pil_image)
     if int(labels.max()) + 1 != n:
         raise RuntimeError(f"segment ids ({int(labels.max()) + 1}) disagree with num_tokens ({n})")
