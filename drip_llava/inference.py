@@ -492,6 +492,62 @@ class ChatEngine:
             return self._finish(reply, _cut_at_eos(ids, self.tokenizer.eos_token_id), t0, t1,
                                 timer.first_token_time if timer else None, stop_event, kwargs["max_new_tokens"])
 
+    def generate_batch(self, requests: list[tuple[list[dict], Optional[Image.Image]]],
+                       settings: Optional[GenerationSettings] = None) -> list[Reply]:
+        """Answers to several (messages, image or None) requests in one batch: prompts left-padded, the images
+        encoded together, each spliced with its own visual token count, one `model.generate`; each answer is cut
+        at its own token budget (the context fitted per request). Under greedy decoding the answers equal
+        `generate`'s one request at a time. Timings and `total_ms` are the batch's (shared by its replies)."""
+        settings = settings or GenerationSettings()
+        if not requests:
+            return []
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with self._lock:
+            t0 = time.perf_counter()
+            fitted = []
+            for messages, image in requests:
+                has_image = image is not None
+                estimate = self.tower.max_tokens if has_image else 0
+                _, _, ids, budget, dropped = self.fit_context(messages, has_image, estimate, settings.max_new_tokens)
+                fitted.append((ids[0], budget, dropped))
+            T = max(ids.shape[0] for ids, _, _ in fitted)
+            input_ids = torch.full((len(fitted), T), pad, dtype=torch.long, device=self.device)
+            attn = torch.zeros_like(input_ids)
+            for i, (ids, _, _) in enumerate(fitted):
+                input_ids[i, T - ids.shape[0]:] = ids
+                attn[i, T - ids.shape[0]:] = 1
+            images = [im for _, im in requests if im is not None]
+            with torch.inference_mode():
+                pixels = torch.cat([self.pixel_values(im) for im in images]) if images else None
+                embeds, mask, _, _ = self.inner.prepare_inputs_labels_for_multimodal(input_ids, attn, None, pixels,
+                                                                                     padding_side="left")
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            lengths = mask.sum(dim=1).tolist()
+            replies, budgets = [], []
+            for i, ((ids, budget, dropped), (_, image)) in enumerate(zip(fitted, requests)):
+                n = int(lengths[i])
+                n_visual = n - ids.shape[0] + 1 if image is not None else 0
+                budget = min(budget, self.context_len - n)
+                if budget < 1:
+                    raise PromptTooLong(f"request {i}: the prompt has {n} tokens ({n_visual} visual) and the "
+                                        f"context holds {self.context_len}")
+                budgets.append(budget)
+                replies.append(Reply(visual_tokens=n_visual, prompt_tokens=n, vision_ms=1000 * (t1 - t0),
+                                     dropped_turns=dropped))
+            stop_event = threading.Event()
+            timer = _TokenStreamer(self.tokenizer, to_queue=False) if settings.num_beams == 1 else None
+            out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max(budgets),
+                                      use_cache=True, pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id,
+                                      streamer=timer, stopping_criteria=self._stopping(stop_event),
+                                      **settings.generate_kwargs())
+            first = timer.first_token_time if timer else None
+            return [self._finish(reply, _cut_at_eos([int(t) for t in row.tolist()[:budget]],
+                                                    self.tokenizer.eos_token_id),
+                                 t0, t1, first, stop_event, budget)
+                    for reply, row, budget in zip(replies, out, budgets)]
+
     def stream(self, messages: list[dict], image: Optional[Image.Image] = None,
                settings: Optional[GenerationSettings] = None, stop_event: Optional[threading.Event] = None,
                visual_tokens: Optional[int] = None, poll_s: float = 0.1,

@@ -177,6 +177,27 @@ def test_missing_image_is_skipped_counted_and_retried(drip10_dir, bench, tmp_pat
         generate.main(_args(drip10_dir, images, dup, tmp_path / "d.jsonl"))
 
 
+def test_batched_answers_equal_batch_1(full_run, drip10_dir, bench, tmp_path, capsys):
+    """--batch-size 3 (left-padded batches mixing images, text-only questions and a missing image): the same
+    greedy answers as batch 1, in question order, the batch size recorded, answers/s reported."""
+    root, images, qfile, qs = bench
+    mixed = qs[:2] + [{"question_id": "gone", "image": "sub/none.png", "text": "hi"}] + qs[2:]
+    q2 = tmp_path / "q.jsonl"
+    q2.write_text("".join(json.dumps(q) + "\n" for q in mixed))
+    out = tmp_path / "batched.jsonl"
+    res = generate.main(_args(drip10_dir, images, q2, out, "--batch-size", "3"))
+    assert res["failed"] == ["gone"] and res["answered"] == len(qs) and res["answers_per_s"] > 0
+    assert "answers/s (batch size 3)" in capsys.readouterr().err
+    one, batched = _read(full_run), _read(out)
+    assert [r["question_id"] for r in batched] == [q["question_id"] for q in qs]
+    for a, b in zip(one, batched):
+        assert (a["text"], a["metadata"]["visual_tokens"], a["metadata"]["new_tokens"]) == \
+               (b["text"], b["metadata"]["visual_tokens"], b["metadata"]["new_tokens"])
+        assert "batch_size" not in a["metadata"] and b["metadata"]["batch_size"] in (2, 3)
+    with pytest.raises(SystemExit):
+        generate.parse_args(_args(drip10_dir, images, q2, out, "--batch-size", "0"))
+
+
 def test_generation_settings_presets_and_explicit_flags():
     """--benchmark takes LLaVA's eval-script settings, no preset takes model_vqa.py's defaults (1024 new tokens, not
     128), and an explicit flag wins over either."""

@@ -237,9 +237,10 @@ def test_stop_event_and_text_only(engine):
     assert beams.done and beams.new_tokens == 4 and beams.prefill_ms is None
 
 
-def test_image_is_encoded_once_per_conversation(engine, files, monkeypatch):
+def test_image_is_encoded_once_per_conversation(lively_engine, files, monkeypatch):
     """describe_image runs the tower once (tokens + overlay); three questions reuse its tokens, and every answer
     equals the one from re-encoding the image for that question."""
+    engine = lively_engine
     image, _ = engine.load_image(files.photo)
     tower_model = engine.tower.model
     calls = []
@@ -259,6 +260,7 @@ def test_image_is_encoded_once_per_conversation(engine, files, monkeypatch):
     for k, reply in enumerate(session.replies):  # re-encoded for each question: the same answers
         again = engine.generate(session.messages[:2 * k + 1], image, settings)
         assert again.text == reply.text and again.visual_tokens == reply.visual_tokens
+    assert len({r.text for r in session.replies}) == 3
     # the cached tokens and the overlay's segments are those of a fresh encode
     fresh = engine.inner.encode_images(engine.pixel_values(image))[0]
     assert torch.equal(info.features, fresh)
@@ -266,6 +268,40 @@ def test_image_is_encoded_once_per_conversation(engine, files, monkeypatch):
 
     pic, n = segment_overlay(tower_model, engine.image_processor.prepare(image))
     assert n == info.num_tokens and pic.tobytes() == info.overlay.tobytes()
+
+
+@pytest.fixture(scope="module")
+def lively_engine(tiny_llava_dir):
+    """The tiny checkpoint with its LLM's matrices redrawn at a larger scale: its greedy answers then depend on
+    the prompt and the image (the saved random init answers everything with the same repeated token)."""
+    engine = ChatEngine.from_pretrained(tiny_llava_dir, device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in engine.inner.model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return engine
+
+
+def test_batched_generation_equals_one_at_a_time(lively_engine, files):
+    """Left-padded batch with images of different token counts and a text-only request: greedy answers, token
+    counts and finish reasons equal those of `generate` one request at a time."""
+    engine = lively_engine
+    photo, _ = engine.load_image(files.photo)
+    crop = photo.crop((0, 0, 200, 120))
+    requests = [([{"role": "user", "content": QUESTION}], photo),
+                ([{"role": "user", "content": "Tell me a story about a cat and a dog."}], None),
+                ([{"role": "user", "content": "Colour?"}], crop),
+                ([{"role": "user", "content": "Describe every part of this picture in detail please."}], photo)]
+    settings = GenerationSettings(temperature=0, max_new_tokens=10)
+    batched = engine.generate_batch(requests, settings)
+    single = [engine.generate(m, im, settings) for m, im in requests]
+    assert len({r.visual_tokens for r in single if r.visual_tokens}) == 2  # two different token counts
+    for b, s in zip(batched, single):
+        assert (b.text, b.visual_tokens, b.prompt_tokens, b.new_tokens, b.finish_reason) == \
+               (s.text, s.visual_tokens, s.prompt_tokens, s.new_tokens, s.finish_reason)
+    assert len({r.text for r in single}) == len(single)  # the answers differ: the test can tell them apart
+    assert engine.generate_batch([], settings) == []
 
 
 def test_context_is_fitted_with_real_token_counts(engine, files):

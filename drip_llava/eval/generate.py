@@ -18,6 +18,11 @@ raised IndexError). Rerunning resumes: question_ids already in the answers file 
 appended, and a torn last line (a killed run) is cut off first. The answers file always exists afterwards,
 even for an empty chunk. A question whose image is missing or unreadable is skipped and counted; the command
 then exits 1 (so eval/*.sh stop) and a rerun retries only those.
+
+`--batch-size N` answers N questions per `model.generate` (left padding, each image with its own visual token
+count): under greedy decoding the answers equal batch 1's. The seed is set per batch, so sampled answers depend on
+the batch composition (and a resumed run's batches); the metadata then holds the batch's timings and `batch_size`.
+Answers/s is printed at the end.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import logging
 import math
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Sequence
@@ -136,7 +142,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (each question reseeds: resumable)")
     p.add_argument("--model-id", default=None, help="model_id written in the answers (default: model folder name)")
     p.add_argument("--max-image-pixels", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="questions per generate call (left-padded; greedy answers equal batch 1's)")
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     fill = BENCHMARK_PRESETS[args.benchmark] if args.benchmark else GENERATION_DEFAULTS
     args.explicit = sorted(k for k in fill if getattr(args, k) is not None)
     for key, value in fill.items():
@@ -146,7 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    """Returns {answered, skipped_done, failed: [question_ids], answers_file}; exits 1 when some failed."""
+    """Returns {answered, skipped_done, failed: [question_ids], answers_file, answers_per_s (when something was
+    to do)}; exits 1 when some failed."""
     args = parse_args(argv)
     import torch
     from tqdm import tqdm
@@ -191,28 +202,51 @@ def main(argv=None) -> dict:
     recorded = {"benchmark": args.benchmark, "max_new_tokens": settings.max_new_tokens,
                 "temperature": settings.temperature, "top_p": settings.top_p, "num_beams": settings.num_beams}
     folder = Path(args.image_folder) if args.image_folder else Path(".")
-    with open(out_path, "a", encoding="utf-8") as f:
-        for q in tqdm(todo, desc=f"answers {out_path.name}", dynamic_ncols=True):
-            image = None
-            if q.get("image"):
-                try:
-                    image, _ = engine.load_image(folder / q["image"], name=str(folder / q["image"]))
-                except ImageRejected as e:
-                    logger.error("question %s skipped: %s", q["question_id"], e)
-                    result["failed"].append(q["question_id"])
-                    continue
+    def record(q, reply, batch_size):
+        meta = {"visual_tokens": reply.visual_tokens,
+                "prefill_ms": None if reply.prefill_ms is None else round(reply.prefill_ms, 2),
+                "vision_ms": round(reply.vision_ms, 2), "new_tokens": reply.new_tokens,
+                "finish_reason": reply.finish_reason, "conv_mode": engine.conv_mode, **recorded}
+        if batch_size > 1:
+            meta["batch_size"] = batch_size
+        return {"question_id": q["question_id"], "prompt": q["text"], "text": reply.text,
+                "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": meta}
+
+    start = time.perf_counter()
+    with open(out_path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=f"answers {out_path.name}",
+                                                            dynamic_ncols=True) as bar:
+        for b in range(0, len(todo), args.batch_size):
+            batch = []
+            for q in todo[b:b + args.batch_size]:
+                image = None
+                if q.get("image"):
+                    try:
+                        image, _ = engine.load_image(folder / q["image"], name=str(folder / q["image"]))
+                    except ImageRejected as e:
+                        logger.error("question %s skipped: %s", q["question_id"], e)
+                        result["failed"].append(q["question_id"])
+                        bar.update(1)
+                        continue
+                batch.append((q, image))
+            if not batch:
+                continue
             torch.manual_seed(args.seed)
-            reply = engine.generate([{"role": "user", "content": q["text"]}], image, settings)
-            rec = {"question_id": q["question_id"], "prompt": q["text"], "text": reply.text,
-                   "answer_id": uuid.uuid4().hex, "model_id": model_id,
-                   "metadata": {"visual_tokens": reply.visual_tokens,
-                                "prefill_ms": None if reply.prefill_ms is None else round(reply.prefill_ms, 2),
-                                "vision_ms": round(reply.vision_ms, 2), "new_tokens": reply.new_tokens,
-                                "finish_reason": reply.finish_reason, "conv_mode": engine.conv_mode, **recorded}}
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            if args.batch_size == 1:
+                (q, image), = batch
+                replies = [engine.generate([{"role": "user", "content": q["text"]}], image, settings)]
+            else:
+                replies = engine.generate_batch([([{"role": "user", "content": q["text"]}], image)
+                                                 for q, image in batch], settings)
+            for (q, _), reply in zip(batch, replies):
+                f.write(json.dumps(record(q, reply, len(batch)), ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-            result["answered"] += 1
+            result["answered"] += len(batch)
+            bar.update(len(batch))
+    elapsed = time.perf_counter() - start
+    result["answers_per_s"] = result["answered"] / elapsed if elapsed > 0 else 0.0
+    print(f"{result['answered']} answers in {elapsed:.1f} s: {result['answers_per_s']:.3f} answers/s "
+          f"(batch size {args.batch_size})", file=sys.stderr, flush=True)
     if result["failed"]:
         print(f"{len(result['failed'])} questions skipped (unreadable images, see above): "
               f"{result['failed'][:20]}; rerun to retry them", file=sys.stderr, flush=True)
