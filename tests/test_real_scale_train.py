@@ -55,7 +55,8 @@ def test_text_only_training_batch_runs_the_whole_tower_with_zero_weight(tiny_llm
     model = DripLlavaForCausalLM.from_pretrained(str(tiny_llm_dir))
     model.initialize_vision_modules(str(tiny_drip_dir))
     calls = []
-    model.vision_tower.model.blocks[-1].register_forward_hook(lambda *a: calls.append(1))
+    # the last block the tower runs: select layer -2 = the output of blocks[-2] (the final block is never run)
+    model.vision_tower.model.blocks[-2].register_forward_hook(lambda *a: calls.append(1))
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     labels = torch.tensor([[-100, -100, 7, 8, 9]])
     model.train()
