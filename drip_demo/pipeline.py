@@ -260,7 +260,8 @@ class Demo:
         self.run("stage1", [
             BIN / "deepspeed", "--num_gpus", "2", "--master_port", free_port(), "scripts/pretrain_projector.py",
             "--model_name_or_path", self.llm_dir, "--vision_tower", self.out / "clip" / LLAVA_TOWER / "vision_tower",
-            "--version", "plain", "--data_path", self.data / "llava" / "pretrain.json",
+            # plain_eos: the caption ends with SmolLM2's end-of-turn token (see the template for the measurement)
+            "--version", "plain_eos", "--data_path", self.data / "llava" / "pretrain.json",
             "--image_folder", self.data / "imagefolder", "--mm_projector_type", "mlp2x_gelu",
             "--deepspeed", "scripts/zero2.json", "--output_dir", self.out / "stage1",
             "--per_device_train_batch_size", b.llava_batch, "--max_steps", b.stage1_steps,

@@ -130,6 +130,16 @@ def test_plain_template_is_image_caption_newline(tok):
         encode("plain", CONV, tok)
 
 
+def test_plain_eos_ends_the_caption_with_eos(tok):
+    """The explicit stage-1 variant for chat-tuned LLMs: the same caption, ended by (and trained on) EOS."""
+    ids, labels = encode("plain_eos", CONV[:2], tok)
+    assert ids[0] == IMAGE_TOKEN_INDEX and ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id
+    assert supervised_text(tok, labels) == f"A red circle on a blue square.{tok.eos_token}"
+    assert get_template("plain_eos").stop_str(tok) == tok.eos_token
+    assert get_template("plain_eos").render([{"role": "user", "content": "<image>\nhi"}], tok,
+                                            add_generation_prompt=True).text == "<image>"
+
+
 @pytest.mark.parametrize("template", ["plain", "vicuna_v1"])
 def test_sentencepiece_tokenizer_masks_exactly(sp_tok, template):
     conv = CONV[:2] if template == "plain" else CONV

@@ -160,6 +160,28 @@ class PlainTemplate(ConversationTemplate):
         return self.sep
 
 
+@register_template("plain_eos")
+class PlainEosTemplate(PlainTemplate):
+    """Stage 1 with the caption ended by the tokenizer's EOS instead of LLaVA's "\n". Measured on the demo
+    (SmolLM2-135M-Instruct, 40 projector steps, batch 8, lr 1e-2): the caption loss falls from 6.7 to 2.5 with
+    EOS and from 5.8 to only 4.0 with "\n"; a chat-tuned LLM ends a reply with its end-of-turn token, so the EOS
+    target is the one it already predicts. `plain` stays LLaVA's format (Vicuna base models)."""
+
+    def render(self, messages, tokenizer, add_generation_prompt=False, sample_id=None):
+        eos = tokenizer.eos_token
+        if not eos:
+            raise ConversationError(f"template 'plain_eos': tokenizer {tokenizer.name_or_path!r} has no eos_token")
+        out = super().render(messages, tokenizer, add_generation_prompt, sample_id)
+        if add_generation_prompt:
+            return out
+        (start, end), = out.targets
+        text = out.text[:end - len(self.sep)] + eos
+        return Rendered(text, ((start, len(text)),))
+
+    def stop_str(self, tokenizer) -> str:
+        return tokenizer.eos_token
+
+
 class SeparatorTemplate(ConversationTemplate):
     """LLaVA's SeparatorStyle.TWO: system + " " + "USER: q ASSISTANT: a</s>USER: ..."; "</s>" is the
     tokenizer's EOS string (Vicuna's is "</s>"), so generation stops on EOS. An answer's span starts at the space
