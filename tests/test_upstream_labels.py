@@ -223,8 +223,8 @@ def test_ids_and_labels_equal_upstream(toks, sample):
 
 
 def test_samples_cover_the_lone_space_token(toks):
-    """The set above reaches the case the two labelings used to differ on: a supervised lone "▁" (digit and
-    newline answers) in both the v1 and the plain template."""
+    """The set above reaches the case where a labelling by character spans and LLaVA's token counts can differ:
+    a supervised lone "▁" (digit and newline answers) in both the v1 and the plain template."""
     fast, slow = toks
     space = fast.convert_tokens_to_ids("▁")
     for template in ("vicuna_v1", "plain"):
