@@ -229,6 +229,7 @@ def test_malformed_conversations_are_counted_skips(tok, tower_model, image_dir, 
         recs.append({"id": f"good{k}", "conversations": turns(f"Say {k}.", f"Text {k}.")})
     caplog.set_level("WARNING", logger="drip_llava.data.dataset")
     ds = LazySupervisedDataset(recs, tok, "vicuna_v1", loader, 512, preprocess_text=preprocess)
+    assert len(ds.modality_lengths) == len(ds)  # length grouping reads every record before step 1
     items = [ds[i] for i in range(len(ds))]
     assert ds.skips.as_dict()["bad_conversation"] == len(MALFORMED)
     assert sum(ds.skips.as_dict().values()) == len(MALFORMED)

@@ -212,8 +212,11 @@ class LazySupervisedDataset(Dataset):
     def text_length(self, i: int) -> int:
         if self._tokens is not None:
             return len(self._tokens[i][0])
-        rec = self.records[i]
-        return sum(len(t.get("value", t.get("content", "")).split()) for t in rec["conversations"])
+        turns = self.records[int(self.index[i])]["conversations"]
+        if not isinstance(turns, list):  # malformed: skipped and counted when loaded; it must not stop grouping
+            return 0
+        texts = (t.get("value", t.get("content")) for t in turns if isinstance(t, dict))
+        return sum(len(v.split()) for v in texts if isinstance(v, str))
 
     @property
     def modality_lengths(self) -> list[int]:
