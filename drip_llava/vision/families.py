@@ -103,14 +103,6 @@ class FamilyVisionModel(DripVisionModel):
                             " (build towers with drip_llava.vision.create_model)")
         super().__init__(config)
 
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch tokens with CLS (when configured) and positions, after ln_pre: [B, n_cls + L, D]."""
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # [B,L,D]
-        B, L, D = x.shape
-        if self.config.class_token:
-            x = torch.cat([self.class_embedding.to(x.dtype).expand(B, 1, D), x], dim=1)
-        return self.ln_pre(x + self.positional_embedding.to(x.dtype))
-
     def run_block(self, blk, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.gradient_checkpointing and self.training:
             return checkpoint(blk, x, attn_mask, use_reentrant=False)

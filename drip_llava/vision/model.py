@@ -375,6 +375,15 @@ class DripVisionModel(PreTrainedModel):
             return min(counts) < max(counts)  # nothing padded: the padded batch needs no mask and no gather
         return self.short_path == "packed"
 
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with CLS (when configured) and positions, after ln_pre: [B, n_cls + L, D]. Shared by every
+        tower family."""
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # [B,L,D]
+        B, _, D = x.shape
+        if self.config.class_token:
+            x = torch.cat([self.class_embedding.to(x.dtype).expand(B, 1, D), x], dim=1)
+        return self.ln_pre(x + self.positional_embedding.to(x.dtype))
+
     def forward_features(self, pixel_values: torch.Tensor, boundaries: Optional[torch.Tensor] = None,
                          output_hidden_states: bool = False, output_layer: Optional[int] = None) -> DripVisionOutput:
         """The encoder without the head. `output_layer` = k (an index into `hidden_states`: 0 = embeddings,
@@ -384,15 +393,11 @@ class DripVisionModel(PreTrainedModel):
         (k <= n_pre) skips the predictor: boundaries None, rate_loss 0, every patch a token."""
         c = self.config
         stop = c.depth if output_layer is None else self._output_index(output_layer)
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [B,D,g,g]
-        x = x.flatten(2).transpose(1, 2)  # [B,L,D]
-        B, L, D = x.shape
+        x = self.embed(pixel_values)  # [B, n_cls + L, D]
+        n_cls = int(c.class_token)
+        B, L = x.shape[0], x.shape[1] - n_cls
         if boundaries is not None and boundaries.shape != (B, L):
             raise ValueError(f"boundaries must be [B, L] = {(B, L)}, got {tuple(boundaries.shape)}")
-        if c.class_token:
-            x = torch.cat([self.class_embedding.to(x.dtype).expand(B, 1, D), x], dim=1)
-        x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
-        n_cls = int(c.class_token)
         self._stage("embed", x)
 
         full_mask = torch.ones(B, L + n_cls, dtype=torch.bool, device=x.device)
