@@ -180,22 +180,28 @@ class Demo:
                           "--n-warmup", b.n_warmup_records, "--sqa-mix", b.sqa_mix])
 
     def clip(self):
+        for preset in CLIP_MODELS:
+            self.results.setdefault("clip", {})[preset] = self.train_clip(preset, preset)
+            self.save()
+
+    def train_clip(self, name: str, preset: str, overrides: tuple = ()) -> dict:
+        """One CLIP tower (torchrun x2) in OUT/clip/NAME: `preset` with `overrides` (KEY=VALUE strings, e.g.
+        family=tome merge_r=9), this budget's schedule; the run's summary (vision_pretrain.runlog)."""
         from drip_demo.synthetic import shard_spec
         from vision_pretrain.runlog import summarize_clip_run
 
         b = self.b
-        for preset in CLIP_MODELS:
-            run = self.out / "clip" / preset
-            self.run(f"clip-{preset}", [
-                BIN / "torchrun", "--nproc_per_node", "2", "--master_port", free_port(), "-m", "vision_pretrain.clip",
-                "--train-data", shard_spec(self.data, "train"), "--model", preset, "--text-model", "tiny",
-                "--batch-size", b.clip_batch, "--steps", b.clip_steps, "--lr", b.clip_lr,
-                "--warmup", max(5, b.clip_steps // 10), "--output", run, "--resume", "auto",
-                "--save-every", max(35, b.clip_steps // 3), "--log-every", "5",  # a save + export costs ~1.5 s
-                "--zeroshot-dir", self.data / "imagefolder" / "val", "--classnames", self.data / "classnames.json",
-                *(["--precision", "bf16"] if self.precision == "bf16" else [])])
-            self.results.setdefault("clip", {})[preset] = summarize_clip_run(run)
-            self.save()
+        run = self.out / "clip" / name
+        self.run(f"clip-{name}", [
+            BIN / "torchrun", "--nproc_per_node", "2", "--master_port", free_port(), "-m", "vision_pretrain.clip",
+            "--train-data", shard_spec(self.data, "train"), "--model", preset, "--text-model", "tiny",
+            *(["--vision-override", *overrides] if overrides else []),
+            "--batch-size", b.clip_batch, "--steps", b.clip_steps, "--lr", b.clip_lr,
+            "--warmup", max(5, b.clip_steps // 10), "--output", run, "--resume", "auto",
+            "--save-every", max(35, b.clip_steps // 3), "--log-every", "5",  # a save + export costs ~1.5 s
+            "--zeroshot-dir", self.data / "imagefolder" / "val", "--classnames", self.data / "classnames.json",
+            *(["--precision", "bf16"] if self.precision == "bf16" else [])])
+        return summarize_clip_run(run)
 
     def sample_images(self, n: int) -> list[str]:
         """n val images from different classes (deterministic)."""
@@ -214,10 +220,15 @@ class Demo:
 
     def probe(self):
         """What the LLaVA tokens of each trained tower (and of an untrained DRIP-4x) encode: the image reading the
-        LLM can learn at best, before spending the LLaVA stages on it. Two processes, one per core."""
-        n_train, n_val = self.b.probe_images
+        LLM can learn at best, before spending the LLaVA stages on it."""
         towers = {p: str(self.out / "clip" / p / "vision_tower") for p in CLIP_MODELS}
         towers[f"{LLAVA_TOWER} (untrained)"] = LLAVA_TOWER  # a preset name: random weights
+        self.results["probe"] = self.probe_towers(towers)
+
+    def probe_towers(self, towers: dict[str, str]) -> dict:
+        """name -> drip_demo.attribute_probe row, for towers (name -> folder or preset). Two processes, one per
+        core."""
+        n_train, n_val = self.b.probe_images
         names = list(towers)
         jobs = [names[0::2], names[1::2]]
         ev = self.out / "eval"
@@ -229,7 +240,7 @@ class Demo:
         found = {}
         for i in range(len(jobs)):
             found.update(json.loads((ev / f"probe-{i}.json").read_text()))
-        self.results["probe"] = {n: found[towers[n]] for n in names}
+        return {n: found[towers[n]] for n in names}
 
     def start_llm(self):
         """Start the LLM conversion on a worker thread (one process, one core; ~25 s on a first run). It needs
@@ -255,21 +266,29 @@ class Demo:
     def llm_dir(self) -> str:
         return self.results["llm"]
 
+    @property
+    def llava_tower(self) -> Path:
+        return self.out / "clip" / LLAVA_TOWER / "vision_tower"
+
     def stage1(self):
+        self.results["stage1"] = self.train_stage1(self.llava_tower, self.out / "stage1")
+
+    def train_stage1(self, tower: Path, out: Path, log: str = "stage1") -> dict:
+        """LLaVA stage 1 (the projector; deepspeed, zero2) on `tower` into `out`; its loss curve."""
         b = self.b
-        self.run("stage1", [
+        self.run(log, [
             BIN / "deepspeed", "--num_gpus", "2", "--master_port", free_port(), "scripts/pretrain_projector.py",
-            "--model_name_or_path", self.llm_dir, "--vision_tower", self.out / "clip" / LLAVA_TOWER / "vision_tower",
+            "--model_name_or_path", self.llm_dir, "--vision_tower", tower,
             # plain_eos: the caption ends with SmolLM2's end-of-turn token (see the template for the measurement)
             "--version", "plain_eos", "--data_path", self.data / "llava" / "pretrain.json",
             "--image_folder", self.data / "imagefolder", "--mm_projector_type", "mlp2x_gelu",
-            "--deepspeed", "scripts/zero2.json", "--output_dir", self.out / "stage1",
+            "--deepspeed", "scripts/zero2.json", "--output_dir", out,
             "--per_device_train_batch_size", b.llava_batch, "--max_steps", b.stage1_steps,
             "--learning_rate", b.stage1_lr, "--model_max_length", "256", "--dataloader_num_workers", "0",
             "--save_steps", max(10, b.stage1_steps // 2), "--resume_from_checkpoint", "auto",
             "--gradient_checkpointing", "False",  # LLaVA's default saves GPU memory; here it only costs ~25% time
             *([] if self.precision is None else ["--use_cpu", "True", "--bf16", str(self.precision == "bf16")])])
-        self.results["stage1"] = summarize_hf_log(self.out / "stage1")
+        return summarize_hf_log(out)
 
     def check_data(self, **want):
         """Stop with the fix when the data was generated with other arguments than this budget needs (an older run
@@ -288,13 +307,17 @@ class Demo:
         self.check_data(n_warmup=self.b.n_warmup_records)
 
     def stage2(self):
+        self.results["stage2"] = self.train_stage2(self.llava_tower, self.out / "stage1", self.out / "stage2")
+
+    def train_stage2(self, tower: Path, stage1: Path, out: Path, log: str = "stage2") -> dict:
+        """LLaVA stage 2 (LoRA; scripts/finetune_lora.sh) on `tower` from stage 1's projector into `out`."""
         b = self.b
         if b.stage2_warmup_steps:
             self.check_warmup_data()
-        env = dict(MODEL=self.llm_dir, VISION_TOWER=str(self.out / "clip" / LLAVA_TOWER / "vision_tower"),
-                   PRETRAIN_ADAPTER=str(self.out / "stage1" / "mm_projector.safetensors"),
+        env = dict(MODEL=self.llm_dir, VISION_TOWER=str(tower),
+                   PRETRAIN_ADAPTER=str(stage1 / "mm_projector.safetensors"),
                    DATA_PATH=str(self.data / "llava" / "instruct.json"), IMAGE_FOLDER=str(self.data / "imagefolder"),
-                   OUTPUT_DIR=str(self.out / "stage2"), VERSION="chat_template", NUM_GPUS="2",
+                   OUTPUT_DIR=str(out), VERSION="chat_template", NUM_GPUS="2",
                    MASTER_PORT=str(free_port()),
                    DS_CONFIG=str(ROOT / "scripts" / "zero2.json"), PER_DEVICE_BATCH=str(b.llava_batch),
                    GLOBAL_BATCH=str(2 * b.llava_batch), MAX_STEPS=str(b.stage2_steps),
@@ -306,8 +329,8 @@ class Demo:
             env["PRECISION"] = self.precision
         # the warm-up block first, then the mix: the JSON's order is the training order
         order = ["--group_by_modality_length", "False", "--keep_data_order", "True"] if b.stage2_warmup_steps else []
-        self.run("stage2", ["bash", "scripts/finetune_lora.sh", *order], env=env)
-        self.results["stage2"] = summarize_hf_log(self.out / "stage2")
+        self.run(log, ["bash", "scripts/finetune_lora.sh", *order], env=env)
+        return summarize_hf_log(out)
 
     def letter_split(self, sqa: Path, dst: Path) -> Path:
         """A ScienceQA folder (problems.json linked, pid_splits.json written) whose test split is every k-th problem
@@ -349,10 +372,7 @@ class Demo:
                      if self.b.n_image_use}
         # the primary protocol, likelihood (which option the model finds most probable), on every problem: a 135M
         # LLM often knows an answer it cannot map onto its letter. The longest jobs go first into the pool.
-        rank = [PY, "-m", "drip_llava.eval.rank_choices", "--base-dir", sqa, *model, *dtype]
-        self.run_parallel([(f"sqa-rank-{tag}", [*rank, "--image-folder", images,
-                                                "--answers-file", ev / f"sqa_ranked_{tag}.jsonl"])
-                           for tag, images in tags] +
+        self.run_parallel(self.rank_jobs(self.out / "stage2", ev, tags) +
                           [(f"sqa-generate-{tag}", [*generate, "--question-file", ev / "sqa_questions.jsonl",
                                                      "--image-folder", images, "--max-new-tokens", "8",
                                                      "--answers-file", ev / f"sqa_answers_{tag}.jsonl"])
@@ -378,6 +398,23 @@ class Demo:
                                    "--json", ev / "prefill.json"])
         self.results["prefill"] = json.loads((ev / "prefill.json").read_text())
 
+    def rank_jobs(self, model: Path, ev: Path, tags, log: str = "sqa-rank") -> list[tuple[str, list]]:
+        """The likelihood answer runs (drip_llava.eval.rank_choices) of a stage-2 model on every ScienceQA-format
+        problem, one job per (tag, image folder) in `tags`, answers in EV/sqa_ranked_TAG.jsonl."""
+        dtype = ["--dtype", "bfloat16"] if self.precision == "bf16" else []
+        rank = [PY, "-m", "drip_llava.eval.rank_choices", "--base-dir", self.data / "scienceqa",
+                "--model-path", model, "--model-base", self.llm_dir, *dtype]
+        return [(f"{log}-{tag}", [*rank, "--image-folder", images, "--answers-file", ev / f"sqa_ranked_{tag}.jsonl"])
+                for tag, images in tags]
+
+    def score_sqa(self, ev: Path, name: str, base: Path, log: str = "sqa-score") -> dict:
+        """EV/sqa_NAME.jsonl through the ScienceQA scorer (scored per problem in EV/sqa_scored_NAME.jsonl)."""
+        self.run(f"{log}-{name}", [PY, "-m", "drip_llava.eval.scienceqa", "score", "--base-dir", base,
+                                   "--result-file", ev / f"sqa_{name}.jsonl",
+                                   "--output-file", ev / f"sqa_scored_{name}.jsonl",
+                                   "--output-result", ev / f"sqa_result_{name}.json"])
+        return read_sqa_result(ev / f"sqa_result_{name}.json", ev / f"sqa_scored_{name}.jsonl", base)
+
     def score_mc(self, ev: Path, sqa: Path, letter_dir: Path):
         """The four MC answer files (likelihood on SQA's split, letter on letter_dir's; with the image and blank)
         through the ScienceQA scorer, then the paired test of image use; prints the verdict line."""
@@ -385,13 +422,7 @@ class Demo:
 
         protocols = (("scienceqa", "answers", letter_dir), ("scienceqa_ranked", "ranked", sqa))  # letter, likelihood
         for tag, (key, kind, base) in itertools.product(("image", "blank"), protocols):
-            name = f"{kind}_{tag}"
-            self.run(f"sqa-score-{name}", [PY, "-m", "drip_llava.eval.scienceqa", "score", "--base-dir", base,
-                                           "--result-file", ev / f"sqa_{name}.jsonl",
-                                           "--output-file", ev / f"sqa_scored_{name}.jsonl",
-                                           "--output-result", ev / f"sqa_result_{name}.json"])
-            self.results.setdefault(key, {})[tag] = read_sqa_result(
-                ev / f"sqa_result_{name}.json", ev / f"sqa_scored_{name}.jsonl", base)
+            self.results.setdefault(key, {})[tag] = self.score_sqa(ev, f"{kind}_{tag}", base)
         self.results["image_test"] = image_test(ev, sqa, decisive=not self.quick)
         print(f"\n[demo] {verdict_line(self.results['image_test'])}", flush=True)
 
