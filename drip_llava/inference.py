@@ -18,6 +18,13 @@ once per conversation: `describe_image` runs the tower once, keeps the projected
 `ImageInfo` (`features`) and draws the overlay from the same run's segments; `chat` splices those tokens into
 every question's prompt, so the tower does not run again while the conversation goes on.
 
+A conversation's prompt grows by the last answer and the next question, so `chat` keeps the key/values of the
+session's last generation (`PromptCache`: prompt + answer, with the token sequence they hold) and prefills only what
+follows the longest common prefix of that sequence and the new prompt (the visual tokens compared as tensors). The
+comparison, not bookkeeping, decides what is reused: an edited or regenerated answer, turns dropped by
+`fit_context`, another image or a stopped answer each shorten the common prefix, so the answers are those of a full
+prefill. `cache_images` / `reuse_kv` switch both savings off (eval.chat_latency times the three ways).
+
 `generate_batch` answers several single-prompt requests in one left-padded batch (eval.generate's
 `--batch-size`); under greedy decoding its answers equal `generate`'s one by one.
 """
@@ -32,6 +39,7 @@ import struct
 import threading
 import time
 import warnings
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +48,7 @@ from typing import IO, Iterator, Optional, Union
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from drip_llava.constants import DEFAULT_IMAGE_TOKEN
+from drip_llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from drip_llava.data.conversation import get_template, place_image, tokenizer_image_token
 from drip_llava.data.image_processor import to_rgb
 
@@ -183,6 +191,8 @@ class Reply:
     ttft_ms: Optional[float] = None
     total_ms: float = 0.0
     dropped_turns: int = 0  # old question/answer pairs left out to fit the context
+    cached_tokens: int = 0  # prompt positions whose key/values came from the session's PromptCache (not prefilled)
+    token_ids: list[int] = field(default_factory=list, repr=False)  # the answer's tokens (cut after EOS)
 
     @property
     def stopped(self) -> bool:
@@ -192,6 +202,8 @@ class Reply:
         parts = [f"{self.visual_tokens} visual tokens" if self.visual_tokens else "no image"]
         if self.prefill_ms is not None:
             parts.append(f"prefill {self.prefill_ms:.0f} ms (vision {self.vision_ms:.0f} ms)")
+        if self.cached_tokens:
+            parts.append(f"{self.cached_tokens} of {self.prompt_tokens} prompt tokens cached")
         rate = self.new_tokens / (self.total_ms / 1000) if self.total_ms > 0 else 0.0
         parts.append(f"{self.new_tokens} tokens in {self.total_ms / 1000:.2f} s ({rate:.1f} tok/s)")
         if self.finish_reason == "stopped":
@@ -203,6 +215,39 @@ class Reply:
         return ", ".join(parts)
 
 
+@dataclass(eq=False)
+class PromptCache:
+    """The key/values of a conversation's last generation and what they hold: `tokens` are the sequence positions
+    (text token ids; IMAGE_TOKEN_INDEX at each visual token) and `image` the spliced visual tokens [n, hidden]
+    (compared exactly: another image, or the same one encoded otherwise, is not reused). `past` is a transformers
+    Cache covering `tokens`; empty when nothing is cached."""
+    past: object = None
+    tokens: list[int] = field(default_factory=list)
+    image: Optional[torch.Tensor] = None
+
+    def clear(self) -> None:
+        self.past, self.tokens, self.image = None, [], None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def reusable(self, tokens: list[int], image: Optional[torch.Tensor]) -> int:
+        """Length of the cached prefix that a prompt of `tokens` (with visual tokens `image`) can reuse: the longest
+        common prefix, cut before the visual tokens when the image differs, and at least one token left to prefill
+        (generation needs the last position's logits)."""
+        n = 0
+        for a, b in zip(self.tokens, tokens):
+            if a != b:
+                break
+            n += 1
+        if IMAGE_TOKEN_INDEX in tokens[:n]:
+            same = (self.image is not None and image is not None and self.image.shape == image.shape
+                    and self.image.device == image.device and torch.equal(self.image, image))
+            if not same:
+                n = tokens.index(IMAGE_TOKEN_INDEX)
+        return min(n, len(tokens) - 1)
+
+
 @dataclass
 class ChatSession:
     """One conversation: at most one image (LLaVA's single-image prompt: "<image>\\n" opens the first user
@@ -212,10 +257,13 @@ class ChatSession:
     image_name: str = ""
     messages: list[dict] = field(default_factory=list)  # [{"role": "user"|"assistant", "content": str}]
     replies: list[Reply] = field(default_factory=list)  # one per assistant message
+    kv: Optional[PromptCache] = field(default=None, repr=False, compare=False)  # ChatEngine(reuse_kv=True)
 
     def clear(self) -> None:
         self.image, self.image_info, self.image_name = None, None, ""
         self.messages, self.replies = [], []
+        if self.kv is not None:
+            self.kv.clear()
 
     def set_image(self, image: Image.Image, info: ImageInfo, name: str = "") -> None:
         """A new image starts a new conversation (earlier answers were about another picture)."""
@@ -309,9 +357,15 @@ def default_conv_mode(config) -> str:
 
 class ChatEngine:
     """Prompting, image handling and (streamed) generation for one loaded model. Generation is serialised by a
-    lock: one model, one answer at a time (the Gradio queue also runs one job at a time)."""
+    lock: one model, one answer at a time (the Gradio queue also runs one job at a time).
 
-    def __init__(self, loaded, conv_mode: Optional[str] = None, max_image_pixels: int = DEFAULT_MAX_PIXELS):
+    `cache_images`: `chat` splices the visual tokens `describe_image` kept instead of encoding the image per
+    question. `reuse_kv`: `chat` keeps each session's PromptCache and prefills only the new part of the prompt; the
+    caches of at most `kv_sessions` conversations are kept (the oldest is dropped: a server's sessions would
+    otherwise each hold a context's worth of key/values)."""
+
+    def __init__(self, loaded, conv_mode: Optional[str] = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                 cache_images: bool = True, reuse_kv: bool = True, kv_sessions: int = 4):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model = loaded.model
@@ -324,6 +378,11 @@ class ChatEngine:
         self.template = get_template(conv_mode or default_conv_mode(self.inner.config))
         self.model_name = Path(loaded.model_path).name or str(loaded.model_path)
         self.max_image_pixels = int(max_image_pixels)
+        self.cache_images, self.reuse_kv = bool(cache_images), bool(reuse_kv)
+        if kv_sessions < 1:
+            raise ValueError(f"kv_sessions must be >= 1, got {kv_sessions}")
+        self.kv_sessions = int(kv_sessions)
+        self._kv_held: list[weakref.ref] = []  # PromptCaches holding key/values, oldest first
         self._lock = threading.Lock()
 
     @classmethod
@@ -420,7 +479,12 @@ class ChatEngine:
         return msgs, prompt, ids, budget, dropped
 
     # -------------------------------------------------------------------------------------- generation
-    def _prepare(self, messages, image, settings, visual_tokens, image_features=None):
+    def _prepare(self, messages, image, settings, visual_tokens, image_features=None,
+                 kv: Optional[PromptCache] = None):
+        """Fit, splice and time the prompt; returns (t0, t1, reply, generate kwargs, prompt, (tokens, visual)), the
+        last being the prompt's positions and visual tokens as a PromptCache records them. With `kv`, its cached
+        prefix is cropped to what this prompt shares and passed as past_key_values (generate then prefills only
+        the rest)."""
         t0 = time.perf_counter()
         has_image = image is not None or image_features is not None
         if image_features is not None:
@@ -448,12 +512,59 @@ class ChatEngine:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         kwargs = dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new, use_cache=True,
                       pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id, **settings.generate_kwargs())
-        return t0, t1, reply, kwargs, prompt
+        ids_list = ids[0].tolist()
+        visual = None
+        if has_image:  # batch 1, nothing padded: the visual tokens sit at the placeholder's position
+            p = ids_list.index(IMAGE_TOKEN_INDEX)
+            ids_list[p:p + 1] = [IMAGE_TOKEN_INDEX] * n_visual
+            visual = embeds[0, p:p + n_visual].clone()  # not a view: the cache keeps it, not the whole prompt
+        if kv is not None:
+            past = self._past_for(kv, ids_list, visual)
+            kwargs["past_key_values"] = past
+            reply.cached_tokens = int(past.get_seq_length())
+        return t0, t1, reply, kwargs, prompt, (ids_list, visual)
+
+    def _past_for(self, kv: PromptCache, tokens: list[int], visual: Optional[torch.Tensor]):
+        """kv's Cache cropped to the prefix `tokens` shares with it (a fresh Cache when none); kv then describes
+        only that prefix until `_remember` records what the generation added."""
+        from transformers import DynamicCache
+
+        n = kv.reusable(tokens, visual) if kv.past is not None else 0
+        if n > 0:
+            kv.past.crop(n - kv.past.get_seq_length())  # a negative count: tokens removed from the end
+        else:
+            kv.past = DynamicCache(config=self.inner.config)
+        kv.tokens, kv.image = tokens[:n], visual
+        return kv.past
+
+    def _remember(self, kv: Optional[PromptCache], prompt: tuple, new_ids: list[int], ok: bool) -> None:
+        """After a generation into kv.past: record the positions it holds (the prompt and the answer tokens that
+        were fed back; the last sampled token never is), or drop it after a failure (layers may be half-updated).
+        Keeps at most `kv_sessions` caches alive."""
+        if kv is None:
+            return
+        tokens, visual = prompt
+        held = kv.past.get_seq_length() if ok and kv.past is not None else -1
+        if not len(tokens) <= held <= len(tokens) + len(new_ids):
+            if ok:
+                logger.warning("key/value cache of %d positions does not match a prompt of %d + %d generated "
+                               "tokens; not reused", held, len(tokens), len(new_ids))
+            kv.clear()
+            return
+        kv.tokens, kv.image = (tokens + list(new_ids))[:held], visual
+        live = [r for r in self._kv_held if r() is not None and r() is not kv]
+        live.append(weakref.ref(kv))
+        while len(live) > self.kv_sessions:
+            oldest = live.pop(0)()
+            if oldest is not None:
+                oldest.clear()
+        self._kv_held = live
 
     def _finish(self, reply: Reply, ids: list[int], t0: float, t1: float, first: Optional[float],
                 stop_event: threading.Event, max_new: int) -> Reply:
         eos = self.tokenizer.eos_token_id
         reply.new_tokens = len(ids)
+        reply.token_ids = list(ids)
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         stop_str = self.template.stop_str(self.tokenizer)
         if stop_str and stop_str in text:
@@ -479,16 +590,24 @@ class ChatEngine:
 
     def generate(self, messages: list[dict], image: Optional[Image.Image] = None,
                  settings: Optional[GenerationSettings] = None, stop_event: Optional[threading.Event] = None,
-                 visual_tokens: Optional[int] = None, image_features: Optional[torch.Tensor] = None) -> Reply:
+                 visual_tokens: Optional[int] = None, image_features: Optional[torch.Tensor] = None,
+                 kv: Optional[PromptCache] = None) -> Reply:
         """The whole answer at once (batch evaluation): same prompt, splicing and timings as `stream`.
-        `image_features` (an `ImageInfo.features`) replaces `image`: the tower does not run again."""
+        `image_features` (an `ImageInfo.features`) replaces `image`: the tower does not run again. `kv` (see
+        `stream`) is used with one beam only (beam search reorders and grows its own cache)."""
         settings = settings or GenerationSettings()
         stop_event = stop_event or threading.Event()
+        kv = kv if settings.num_beams == 1 else None
         with self._lock:
-            t0, t1, reply, kwargs, _ = self._prepare(messages, image, settings, visual_tokens, image_features)
+            t0, t1, reply, kwargs, _, prompt = self._prepare(messages, image, settings, visual_tokens,
+                                                             image_features, kv)
             timer = _TokenStreamer(self.tokenizer, to_queue=False) if settings.num_beams == 1 else None
-            out = self.model.generate(**kwargs, streamer=timer, stopping_criteria=self._stopping(stop_event))
-            ids = [int(t) for t in out[0].tolist()]
+            ok, ids = False, []
+            try:
+                out = self.model.generate(**kwargs, streamer=timer, stopping_criteria=self._stopping(stop_event))
+                ids, ok = [int(t) for t in out[0].tolist()], True
+            finally:
+                self._remember(kv, prompt, ids, ok)
             return self._finish(reply, _cut_at_eos(ids, self.tokenizer.eos_token_id), t0, t1,
                                 timer.first_token_time if timer else None, stop_event, kwargs["max_new_tokens"])
 
@@ -551,16 +670,19 @@ class ChatEngine:
     def stream(self, messages: list[dict], image: Optional[Image.Image] = None,
                settings: Optional[GenerationSettings] = None, stop_event: Optional[threading.Event] = None,
                visual_tokens: Optional[int] = None, poll_s: float = 0.1,
-               image_features: Optional[torch.Tensor] = None) -> Iterator[Reply]:
+               image_features: Optional[torch.Tensor] = None, kv: Optional[PromptCache] = None) -> Iterator[Reply]:
         """Yield a partial Reply (text so far) after every new token, then the final Reply (done=True).
         Setting `stop_event` ends the answer at the next token; leaving the generator early also stops it.
-        `image_features` (an `ImageInfo.features`) replaces `image`: the tower does not run again."""
+        `image_features` (an `ImageInfo.features`) replaces `image`: the tower does not run again. `kv`: the
+        conversation's PromptCache; the prompt's common prefix with it is not prefilled again, and it holds this
+        prompt + answer afterwards (also a stopped one; cleared when generation fails)."""
         settings = settings or GenerationSettings()
         if settings.num_beams != 1:
             raise ValueError("streaming needs num_beams=1 (transformers cannot stream beam search)")
         stop_event = stop_event or threading.Event()
         with self._lock:
-            t0, t1, reply, kwargs, _ = self._prepare(messages, image, settings, visual_tokens, image_features)
+            t0, t1, reply, kwargs, _, prompt = self._prepare(messages, image, settings, visual_tokens,
+                                                             image_features, kv)
             streamer = _TokenStreamer(self.tokenizer)
             error: list[BaseException] = []
 
@@ -588,11 +710,12 @@ class ChatEngine:
                         finished = True
                         break
                     yield Reply(text=item, visual_tokens=reply.visual_tokens, prompt_tokens=reply.prompt_tokens,
-                                vision_ms=reply.vision_ms)
+                                vision_ms=reply.vision_ms, cached_tokens=reply.cached_tokens)
             finally:
                 if not finished:
                     stop_event.set()  # the consumer left early (closed generator): end the worker too
                 thread.join()
+                self._remember(kv, prompt, streamer.ids, ok=not error)
         if error:
             raise error[0]
         ids = _cut_at_eos(streamer.ids, self.tokenizer.eos_token_id)
@@ -602,15 +725,23 @@ class ChatEngine:
              stop_event: Optional[threading.Event] = None) -> Iterator[Reply]:
         """Stream the answer to the session's pending question; the final reply (also a stopped one) is added
         to the session. The image's visual tokens come from `session.image_info.features` when `describe_image`
-        made them (the tower does not run per question), else the image is encoded for this answer."""
+        made them and `cache_images` (the tower does not run per question), else the image is encoded for this
+        answer. With `reuse_kv` the session's PromptCache (`session.kv`) saves prefilling what the previous prompt
+        and answer share with this prompt."""
         if not session.pending:
             raise ValueError("no pending question in the session")
         info = session.image_info
         hint = info.num_tokens if info is not None else None
-        features = info.features if info is not None and session.image is not None else None
+        cached = self.cache_images and info is not None and session.image is not None
+        features = info.features if cached else None
+        kv = None
+        if self.reuse_kv:
+            if session.kv is None:
+                session.kv = PromptCache()
+            kv = session.kv
         final = None
         for reply in self.stream(session.messages, session.image, settings, stop_event, visual_tokens=hint,
-                                 image_features=features):
+                                 image_features=features, kv=kv):
             final = reply
             if reply.done:
                 session.add_answer(reply)

@@ -501,3 +501,168 @@ def test_cli_subprocess_reads_stdin_until_eof(tiny_llava_dir, files, expected_an
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines() == [f"ASSISTANT: {expected_answer}"]
     assert re.search(r"\[image .*chelsea.png: 451x300, \d+ visual tokens from 64 patches", proc.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- KV-cache reuse
+
+def _prefill_lengths(engine):
+    """Records the sequence length of every LLM forward; a generation's first entry is its prefill."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        x = kwargs.get("inputs_embeds")
+        seen.append(int((x if x is not None else kwargs["input_ids"]).shape[1]))
+
+    return seen, engine.inner.model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+KV_QUESTIONS = ("What is in this image?", "What colour is the cat?", "Where is it sitting?",
+                "Describe its ears.", "Is it looking at the camera?")
+
+
+def test_kv_reuse_gives_the_answers_of_a_full_prefill(lively_engine, files):
+    """A 5-turn greedy conversation (the answer budget changing between turns) answers with the same token ids
+    with the session's PromptCache as without it, and each prefill with the cache runs only the prompt's new
+    suffix: at least the whole previous prompt is reused."""
+    reuse = lively_engine
+    plain = ChatEngine(reuse.loaded, reuse_kv=False)
+    image, _ = reuse.load_image(files.photo)
+    info = reuse.describe_image(image, overlay=False)
+    sessions = {}
+    for name, engine in (("reuse", reuse), ("plain", plain)):
+        session = ChatSession()
+        session.set_image(image, info, "chelsea")
+        seen, handle = _prefill_lengths(engine)
+        prefills = []
+        try:
+            for k, q in enumerate(KV_QUESTIONS):
+                session.add_question(q)
+                seen.clear()
+                list(engine.chat(session, GenerationSettings(temperature=0, max_new_tokens=6 + 3 * (k % 2))))
+                prefills.append(seen[0])
+        finally:
+            handle.remove()
+        sessions[name] = (session, prefills)
+    (with_kv, pre_kv), (without, pre_plain) = sessions["reuse"], sessions["plain"]
+    assert [r.token_ids for r in with_kv.replies] == [r.token_ids for r in without.replies]
+    assert len({tuple(r.token_ids) for r in without.replies}) == 5  # the answers differ: equality means something
+    assert pre_plain == [r.prompt_tokens for r in without.replies] and without.kv is None
+    assert with_kv.replies[0].cached_tokens == 0
+    for k, r in enumerate(with_kv.replies):
+        assert pre_kv[k] == r.prompt_tokens - r.cached_tokens
+        if k:
+            assert r.cached_tokens >= with_kv.replies[k - 1].prompt_tokens
+
+
+def test_kv_reuse_regenerate_edit_sampling_stop_truncation_clear(lively_engine, files):
+    """Every way a conversation's prompt departs from the cached one answers with a full prefill's tokens: a
+    regenerated answer (all but the last prompt position reused), an edited answer, sampled settings, an answer
+    stopped at its first token, a generator closed early, turns dropped by fit_context; a cleared session has no
+    cache left."""
+    engine = lively_engine
+    plain = ChatEngine(engine.loaded, reuse_kv=False)
+    image, _ = engine.load_image(files.photo)
+    info = engine.describe_image(image, overlay=False)
+    greedy = GenerationSettings(temperature=0, max_new_tokens=8)
+    session = ChatSession()
+    session.set_image(image, info, "chelsea")
+
+    def ask(question=None, settings=greedy, seed=0, stop=None):
+        if question:
+            session.add_question(question)
+        messages = list(session.messages)
+        torch.manual_seed(seed)
+        final = list(engine.chat(session, settings, stop))[-1]
+        torch.manual_seed(seed)
+        ref = plain.generate(messages, settings=settings, image_features=info.features,
+                             stop_event=threading.Event() if stop is None else stop)
+        assert final.token_ids == ref.token_ids and final.prompt_tokens == ref.prompt_tokens
+        return final
+
+    first = ask(KV_QUESTIONS[0])
+    second = ask(KV_QUESTIONS[1])
+    session.pop_answer()  # regenerate
+    again = ask()
+    assert again.token_ids == second.token_ids and again.cached_tokens == again.prompt_tokens - 1
+    session.messages[-1]["content"] = "A small grey dog on a sofa."  # an edited answer
+    edited = ask(KV_QUESTIONS[2])
+    assert again.prompt_tokens <= edited.cached_tokens < edited.prompt_tokens
+    sampled = ask(KV_QUESTIONS[3], GenerationSettings(temperature=1.0, top_p=0.9, max_new_tokens=5), seed=3)
+    assert sampled.cached_tokens >= edited.prompt_tokens
+
+    stop = threading.Event()
+    stop.set()  # stops after the first token: the cache holds the prompt only
+    stopped = ask(KV_QUESTIONS[4], stop=stop)
+    assert stopped.stopped and stopped.new_tokens == 1 and len(session.kv) == stopped.prompt_tokens
+    session.pop_answer()
+    gen = engine.chat(session, greedy)
+    next(gen)
+    gen.close()  # the consumer left: generation ends at the next token, the cache holds what was fed
+    assert session.pending and len(session.kv) >= stopped.prompt_tokens
+    ask()
+
+    old = engine.context_len, plain.context_len
+    previous = [int(t) for t in engine.prompt_ids(session.messages[:-1], True)[1][0]]
+    try:  # the whole conversation no longer fits: fit_context drops the oldest pairs after the first
+        engine.context_len = plain.context_len = session.replies[-1].prompt_tokens + 4
+        truncated = ask("One more question about the cat?", GenerationSettings(temperature=0, max_new_tokens=4))
+    finally:
+        engine.context_len, plain.context_len = old
+    assert truncated.dropped_turns == 1
+    kept = [int(t) for t in engine.prompt_ids(session.messages[:2] + session.messages[4:-1], True)[1][0]]
+    common = next(i for i, (a, b) in enumerate(zip(previous, kept)) if a != b)  # inside the previous prompt
+    assert first.prompt_tokens < truncated.cached_tokens == common - 1 + info.num_tokens
+
+    session.clear()
+    assert session.kv.past is None and len(session.kv) == 0
+    session.set_image(image, info, "chelsea")
+    assert ask(KV_QUESTIONS[0]).cached_tokens == 0
+
+
+def test_kv_reuse_another_image_failures_beams_and_eviction(lively_engine, files):
+    """The visual tokens are compared as tensors: another image (same count, other values; or another count)
+    reuses only the text before it. A failed generation drops the cache; beam search neither uses nor changes it;
+    the engine keeps the caches of `kv_sessions` conversations."""
+    from drip_llava.constants import IMAGE_TOKEN_INDEX
+    from drip_llava.inference import PromptCache
+
+    engine = ChatEngine(lively_engine.loaded, kv_sessions=1)
+    plain = ChatEngine(lively_engine.loaded, reuse_kv=False)
+    image, _ = engine.load_image(files.photo)
+    feats = engine.describe_image(image, overlay=False).features
+    crop = engine.describe_image(image.crop((0, 0, 200, 120)), overlay=False).features
+    assert crop.shape[0] != feats.shape[0]
+    messages = [{"role": "user", "content": QUESTION}]
+    _, ids = engine.prompt_ids(messages, True)
+    image_at = ids[0].tolist().index(IMAGE_TOKEN_INDEX)
+    greedy = GenerationSettings(temperature=0, max_new_tokens=6)
+    kv = PromptCache()
+    first = engine.generate(messages, settings=greedy, image_features=feats, kv=kv)
+    assert first.cached_tokens == 0 and len(kv) == first.prompt_tokens + first.new_tokens - 1
+    assert engine.generate(messages, settings=greedy, image_features=feats, kv=kv).cached_tokens == \
+        first.prompt_tokens - 1
+    for other in (feats + 0.5, crop, feats):
+        reply = engine.generate(messages, settings=greedy, image_features=other, kv=kv)
+        assert reply.cached_tokens == image_at
+        assert reply.token_ids == plain.generate(messages, settings=greedy, image_features=other).token_ids
+    assert engine.generate(messages, settings=greedy, image_features=feats + 0.5).token_ids != first.token_ids
+
+    held = len(kv)
+    beams = engine.generate(messages, settings=GenerationSettings(temperature=0, num_beams=2, max_new_tokens=4),
+                            image_features=feats, kv=kv)
+    assert beams.cached_tokens == 0 and len(kv) == held
+
+    other_kv = PromptCache()  # kv_sessions=1: a second conversation's cache replaces the first's
+    engine.generate(messages, settings=greedy, image_features=feats, kv=other_kv)
+    assert len(other_kv) > 0 and kv.past is None and len(kv) == 0
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    engine.model.generate, original = broken, engine.model.generate
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            engine.generate(messages, settings=greedy, image_features=feats, kv=other_kv)
+    finally:
+        engine.model.generate = original
+    assert other_kv.past is None and len(other_kv) == 0
