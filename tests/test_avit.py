@@ -155,3 +155,22 @@ def test_avit_as_llava_tower(tiny_llm_dir):
     out = model(input_ids=ids, labels=ids.clamp(min=0), images=x)
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+def test_loss_stopped_at_a_block_is_the_loss_of_the_truncated_depths():
+    """Forced halting depths (one-hot halting distributions, remainder 1 at the halting block): stopped at block
+    k, the loss is ponder (min(depth, k) + 1) and KL(target folded at k || histogram of min(depth, k))."""
+    m = _model().eval()
+    c = m.config
+    depths = torch.tensor([c.depth] + c.reference_depths())  # CLS first, it runs every block
+    target = c.target_distribution()
+    with torch.no_grad(), m.reference_tokens():
+        for k in range(1, c.depth + 1):
+            out = m.forward_features(images(2), output_layer=k)
+            d = depths.clamp(max=k)
+            assert torch.equal(out.token_depth, d.expand(2, -1)), k
+            hist = torch.bincount(d - 1, minlength=k).float() / d.numel()
+            folded = torch.cat([target[:k - 1], target[k - 1:].sum(0, keepdim=True)])
+            kl = (folded * (folded.log() - hist.clamp(min=1e-6).log())).sum()
+            expected = c.ponder_weight * (d.float().mean() + 1) + c.distr_weight * kl
+            assert torch.allclose(out.rate_loss, expected, atol=1e-6), k

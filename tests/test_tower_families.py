@@ -97,6 +97,74 @@ def test_analytic_macs_match_flop_counter(preset):
     assert a < vit
 
 
+# ---- stopping at a block (what the LLaVA tower reads) -----------------------------------------------
+# A-ViT with tokens halting at different depths and some hidden from the LLM, so masks and states vary by block
+STOP_OVERRIDES = {"avit": {"halt_beta": -6.0, "drop_halted_before": 3}}
+
+
+def _stop_model(preset):
+    return _model(preset, **STOP_OVERRIDES.get(get_preset_config(preset).family, {}))
+
+
+def _count_blocks(m):
+    """(list the forward hooks fill with each block index run, handles); hooked on the attention, which ToMe
+    calls directly (it merges between a block's attention and MLP)."""
+    ran = []
+    return ran, [b.attn.register_forward_hook(lambda mod, a, o, i=i: ran.append(i)) for i, b in enumerate(m.blocks)]
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("preset", TINY)
+def test_output_layer_is_the_hidden_state_and_runs_no_later_block(preset, train):
+    m = _stop_model(preset).train(train)
+    c, x = m.config, images(3, seed=2)
+    n_cls, depth = int(m.config.class_token), m.config.depth
+    with torch.no_grad():
+        torch.manual_seed(5)  # DynamicViT's Gumbel draws: the stages both runs share get the same noise
+        full = m.forward_features(x, output_hidden_states=True)
+        ran, handles = _count_blocks(m)
+        for k in list(range(depth + 1)) + [-2]:
+            ran.clear()
+            torch.manual_seed(5)
+            out = m.forward_features(x, output_layer=k)
+            idx = k % (depth + 1)
+            assert ran == list(range(idx)) and out.hidden_states is None, k
+            ref, ref_mask = full.hidden_states[idx], full.hidden_masks[idx][:, n_cls:]
+            assert torch.equal(out.mask, ref_mask) and torch.equal(out.num_tokens, ref_mask.sum(1)), k
+            assert torch.allclose(out.features, ref[:, n_cls:], atol=1e-6, rtol=0), k
+            assert torch.allclose(out.cls_token, ref[:, 0], atol=1e-6, rtol=0), k
+            assert out.patch_token.shape == (3, c.num_patches) and int(out.patch_depth.max()) <= idx, k
+            if not train:
+                assert out.features.shape[1] == c.tokens_after_block(k), k
+            assert torch.isfinite(out.rate_loss), k
+        for h in handles:
+            h.remove()
+    torch.manual_seed(5)  # every block run: the full auxiliary loss
+    assert torch.allclose(m.forward_features(x, output_layer=depth).rate_loss, full.rate_loss, atol=1e-7)
+    with pytest.raises(ValueError, match="output_layer"):
+        m.forward_features(x, output_layer=depth + 1)
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_llava_tower_stops_at_its_block_for_every_family(preset):
+    from drip_llava.model.vision_tower import DripVisionTower
+
+    tower = DripVisionTower(_stop_model(preset), select_layer=-2)
+    m, x = tower.model, images(2, seed=3)
+    assert tower._stops_at_layer
+    ran, handles = _count_blocks(m)
+    feats, mask, rate = tower(x, return_rate_loss=True)
+    for h in handles:
+        h.remove()
+    assert ran == list(range(m.config.depth - 1))
+    with torch.no_grad():
+        full = m.forward_features(x, output_hidden_states=True)
+    n_cls, idx = int(m.config.class_token), tower.layer_index
+    assert torch.equal(mask, full.hidden_masks[idx][:, n_cls:])
+    assert torch.allclose(feats, full.hidden_states[idx][:, n_cls:], atol=1e-6, rtol=0)
+    assert feats.shape[1] <= tower.max_tokens and torch.isfinite(rate)
+
+
 # ---- ToMe ---------------------------------------------------------------------------------------
 def test_tome_r0_is_the_plain_vit_exactly():
     vit = _model("vit-tiny-16").eval()

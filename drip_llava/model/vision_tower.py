@@ -4,6 +4,10 @@ LLaVA feeds the LLM the patch tokens of the second-to-last block (`mm_vision_sel
 blocks after pooling carry segment tokens, so the selected block must come after pooling: selecting a block
 before pooling (index <= n_pre) would silently hand the LLM all L patch tokens and undo the compression, so it
 is an error for DRIP towers (any block is fine for the plain ViT, compression 1).
+
+Every tower family (DRIP, ViT, ToMe, DynamicViT, A-ViT) takes `forward_features(output_layer=k)`, so the tower
+stops at the selected block for all of them; an encoder without the argument runs every block and the selected
+hidden state is taken.
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ def resolve_select_layer(config: DripVisionConfig, select_layer: int) -> int:
 
 class DripVisionTower(nn.Module):
     """`tower(pixel_values) -> (features [B,S,D], mask [B,S])`: tokens of the selected block, CLS dropped,
-    padded to the batch's longest image (`return_rate_loss=True` adds DRIP's rate loss). Frozen by default: eval
-    mode whatever the parent's mode (no boundary noise, an image's tokens never depend on its batch-mates) and no
-    autograd graph."""
+    padded to the batch's longest image (`return_rate_loss=True` adds the family's auxiliary loss). Frozen by
+    default: eval mode whatever the parent's mode (no boundary noise, an image's tokens never depend on its
+    batch-mates) and no autograd graph."""
 
     def __init__(self, model: DripVisionModel, select_layer: int = -2, frozen: bool = True):
         super().__init__()
@@ -87,9 +91,10 @@ class DripVisionTower(nn.Module):
         return self
 
     def forward(self, pixel_values: torch.Tensor, return_rate_loss: bool = False):
-        """(features, mask), or with `return_rate_loss` (features, mask, DRIP's unweighted rate loss of the batch,
-        the mean over its images; 0 for a plain ViT). The encoder stops at the selected block: the later
-        blocks do not run and no hidden states are kept."""
+        """(features, mask), or with `return_rate_loss` (features, mask, the family's unweighted `rate_loss` of
+        the batch up to the selected block: DRIP's rate loss, DynamicViT's ratio loss of the stages run, A-ViT's
+        halting loss truncated there; 0 for a plain ViT and ToMe). The encoder stops at the selected block: the
+        later blocks do not run and no hidden states are kept."""
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             if self._stops_at_layer:

@@ -20,6 +20,12 @@ after min(i, its halting depth) blocks (what the LLaVA tower reads). With `drop_
 halted before block k (halting depth <= k) are masked out of `mask` / `hidden_masks` (at hidden state i, those
 with depth <= min(i, k)), so the LLM does not see them. `patch_depth` is each patch's halting depth;
 `token_depth` (AViTOutput) the same for every token, CLS first.
+
+`output_layer` = k (what the LLaVA tower reads) runs blocks 1..k only and returns hidden_states[k] with its mask:
+each token's state after min(k, its halting depth) blocks, the state the halting rule leaves it with, not the
+depth-weighted mean of the full output (a token still running at k has no halting distribution yet). Depths are
+then min(halting depth, k), and `rate_loss` is the loss of those depths: tokens still running count as halting at
+k (their remainder there) against the target with its mass past k folded onto k (the full loss when k = depth).
 """
 from __future__ import annotations
 
@@ -151,9 +157,11 @@ class AViTVisionModel(FamilyVisionModel):
         return x.scatter(1, order[..., None].expand(-1, -1, D), ys)
 
     def forward_features(self, pixel_values: torch.Tensor, boundaries: Optional[torch.Tensor] = None,
-                         output_hidden_states: bool = False) -> AViTOutput:
+                         output_hidden_states: bool = False, output_layer: Optional[int] = None) -> AViTOutput:
+        """`output_layer` = k: see the module docstring (hidden_states[k], its mask, the loss truncated at k)."""
         self.check_no_boundaries(boundaries)
         c = self.config
+        stop = self.stop_index(output_layer)
         n_cls = int(c.class_token)
         x = self.embed(pixel_values)  # [B,T,D]
         B, T, D = x.shape
@@ -167,7 +175,7 @@ class AViTVisionModel(FamilyVisionModel):
         weights = []  # per block [B,T]: the halting distribution's mass at that depth
         k_drop = c.drop_halted_before
         hidden, masks = ([x], [running.clone()]) if output_hidden_states else (None, None)
-        for i, blk in enumerate(self.blocks):
+        for i, blk in enumerate(self.blocks[:stop]):
             if self.training:  # sequence kept: halted keys masked, each halted query sees itself
                 attn_mask = None if bool(running.all()) else (running[:, None, :] | eye)[:, None]
                 x = torch.where(running[..., None], self.run_block(blk, x, attn_mask), x)
@@ -188,15 +196,32 @@ class AViTVisionModel(FamilyVisionModel):
             if hidden is not None:
                 hidden.append(x)
                 masks.append(token_depth > min(i + 1, k_drop) if k_drop is not None else torch.ones_like(running))
-        dist = torch.stack(weights, -1).mean(dim=(0, 1))  # [depth] H: mean halting distribution
-        target = c.target_distribution().to(dist.device)
-        kl = (target * (target.log() - dist.clamp(min=1e-6).log())).sum()
-        loss = c.ponder_weight * ponder.mean() + c.distr_weight * kl
+        loss = self._halting_loss(weights, ponder, remainder * running, stop)
+        # tokens still running at `stop` < depth keep depth as their sentinel for the mask, stop as blocks run
+        mask = token_depth[:, n_cls:] > (min(stop, k_drop) if k_drop is not None else 0)
+        token_depth = token_depth.clamp(max=stop)
         patch_depth = token_depth[:, n_cls:]
-        mask = torch.ones_like(patch_depth, dtype=torch.bool) if k_drop is None else patch_depth > k_drop
         patch_token = torch.where(mask, torch.arange(T - n_cls, device=x.device), -1)
-        res = self.finish(out, mask, loss, hidden, masks, patch_token, patch_depth)
+        stopped = output_layer is not None
+        res = self.finish(x if stopped else out, mask, loss, hidden, masks, patch_token, patch_depth,
+                          ln_post=not stopped)
         return AViTOutput(**{f.name: getattr(res, f.name) for f in fields(res)}, token_depth=token_depth)
+
+    def _halting_loss(self, weights: list, ponder: torch.Tensor, left: torch.Tensor, stop: int) -> torch.Tensor:
+        """Ponder + KL(target || mean halting distribution) over the `stop` blocks run. Stopped before the last
+        block, the loss is that of min(halting depth, stop): tokens still running (`left` = their remainder,
+        [B,T]) count as halting at `stop`, and the target's mass past `stop` is folded onto it."""
+        c = self.config
+        if stop == 0:
+            return ponder.new_zeros(())
+        if stop < c.depth:
+            weights = weights[:-1] + [weights[-1] + left]
+            ponder = ponder + left
+        dist = torch.stack(weights, -1).mean(dim=(0, 1))  # [stop] H: mean halting distribution
+        target = c.target_distribution().to(dist.device)
+        target = torch.cat([target[:stop - 1], target[stop - 1:].sum(0, keepdim=True)])
+        kl = (target * (target.log() - dist.clamp(min=1e-6).log())).sum()
+        return c.ponder_weight * ponder.mean() + c.distr_weight * kl
 
     @staticmethod
     def mean_depth(out: AViTOutput) -> torch.Tensor:

@@ -95,15 +95,18 @@ class DynamicViTVisionModel(FamilyVisionModel):
         self.post_init()
 
     def forward_features(self, pixel_values: torch.Tensor, boundaries: Optional[torch.Tensor] = None,
-                         output_hidden_states: bool = False) -> TowerOutput:
+                         output_hidden_states: bool = False, output_layer: Optional[int] = None) -> TowerOutput:
+        """`output_layer` = k: hidden_states[k] (the stages before block k applied; training: all L tokens, `mask`
+        = kept) and the ratio loss of those stages (0 when none ran); later blocks and stages do not run."""
         self.check_no_boundaries(boundaries)
         c = self.config
+        stop = self.stop_index(output_layer)
         n_cls = int(c.class_token)
         x = self.embed(pixel_values)  # [B,T,D]
         B, T, D = x.shape
         L = T - n_cls
         stage_of = {loc: s for s, loc in enumerate(c.prune_locations)}
-        patch_depth = torch.full((B, L), c.depth, dtype=torch.long, device=x.device)
+        patch_depth = torch.full((B, L), stop, dtype=torch.long, device=x.device)
         patch_idx = torch.arange(L, device=x.device).expand(B, -1)  # [B,N] original patch of each current token
         policy = None  # training: [B,L,1] hard keep decisions (straight-through)
         attn_mask = None
@@ -111,7 +114,7 @@ class DynamicViTVisionModel(FamilyVisionModel):
         cls_mask = x.new_ones(B, n_cls, dtype=torch.bool)
         tok_mask = x.new_ones(B, T, dtype=torch.bool)
         hidden, masks = ([x], [tok_mask]) if output_hidden_states else (None, None)
-        for i, blk in enumerate(self.blocks):
+        for i, blk in enumerate(self.blocks[:stop]):
             if i in stage_of:
                 s = stage_of[i]
                 logp = self.predictors[s](x[:, n_cls:], policy)  # [B,N,2]
@@ -120,7 +123,7 @@ class DynamicViTVisionModel(FamilyVisionModel):
                     policy = keep if policy is None else keep * policy  # [B,L,1]
                     losses.append((policy.float().mean(dim=(1, 2)) - c.keep_rate ** (s + 1)).square().mean())
                     kept = policy[..., 0] > 0
-                    patch_depth = torch.where(kept | (patch_depth < c.depth), patch_depth, i)
+                    patch_depth = torch.where(kept | (patch_depth < stop), patch_depth, i)
                     tok_mask = torch.cat([cls_mask, kept], dim=1)
                     full = torch.cat([x.new_ones(B, n_cls, 1), policy], dim=1)  # [B,T,1]
                     attn_mask = (full + _MASK_EPS).log().transpose(1, 2)[:, None]  # [B,1,1,T] per key
@@ -143,4 +146,4 @@ class DynamicViTVisionModel(FamilyVisionModel):
             patch_token = torch.full((B, L), -1, dtype=torch.long, device=x.device)
             patch_token.scatter_(1, patch_idx, torch.arange(patch_idx.shape[1], device=x.device).expand(B, -1))
         loss = torch.stack(losses).mean() if losses else x.new_zeros((), dtype=torch.float32)
-        return self.finish(x, mask, loss, hidden, masks, patch_token, patch_depth)
+        return self.finish(x, mask, loss, hidden, masks, patch_token, patch_depth, ln_post=output_layer is None)

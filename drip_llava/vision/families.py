@@ -35,7 +35,7 @@ class TowerOutput(DripVisionOutput):
     patch_token: [B,L] long, index in `features` of the token that holds each patch (merged patches share one),
         -1 = the patch was dropped.
     patch_depth: [B,L] long, how many blocks the patch's token went through before it was dropped or halted
-        (depth when it reached the end).
+        (the blocks run, depth or `output_layer`, when it reached the end).
     """
 
     patch_token: Optional[torch.Tensor] = None
@@ -95,7 +95,9 @@ def from_pretrained(folder: Union[str, Path], **overrides) -> DripVisionModel:
 class FamilyVisionModel(DripVisionModel):
     """Base of the non-DRIP families: the ViT body of DripVisionModel (no boundary predictor) with helpers.
 
-    Subclasses set `config_class` (a DripVisionConfig subclass with compression 1) and `forward_features`."""
+    Subclasses set `config_class` (a DripVisionConfig subclass with compression 1) and `forward_features`, which
+    takes DripVisionModel's arguments, `output_layer` included: with `output_layer` = k (see `stop_index`) only
+    blocks 1..k run and `features` / `mask` are hidden_states[k] without CLS, before ln_post."""
 
     def __init__(self, config: DripVisionConfig):
         if type(config) is not self.config_class:
@@ -108,16 +110,22 @@ class FamilyVisionModel(DripVisionModel):
             return checkpoint(blk, x, attn_mask, use_reentrant=False)
         return blk(x, attn_mask)
 
+    def stop_index(self, output_layer: Optional[int]) -> int:
+        """Blocks to run: depth, or k for `output_layer` = k (an index into hidden_states, negative from the end)."""
+        return self.config.depth if output_layer is None else self._output_index(output_layer)
+
     @staticmethod
     def check_no_boundaries(boundaries) -> None:
         if boundaries is not None:
             raise ValueError("boundaries= is DRIP's argument; this tower family decides its tokens itself")
 
     def finish(self, x: torch.Tensor, mask: torch.Tensor, aux_loss: torch.Tensor, hidden, masks,
-               patch_token: torch.Tensor, patch_depth: torch.Tensor) -> TowerOutput:
-        """ln_post and the output contract. x: [B, n_cls + S, D]; mask: [B, S] over the non-CLS tokens."""
+               patch_token: torch.Tensor, patch_depth: torch.Tensor, ln_post: bool = True) -> TowerOutput:
+        """The output contract. x: [B, n_cls + S, D]; mask: [B, S] over the non-CLS tokens; `ln_post` False for a
+        forward stopped at `output_layer` (a hidden state, as DripVisionModel returns it)."""
         n_cls = int(self.config.class_token)
-        x = self.ln_post(x)
+        if ln_post:
+            x = self.ln_post(x)
         return TowerOutput(
             features=x[:, n_cls:], mask=mask, num_tokens=mask.sum(1), boundaries=None, rate_loss=aux_loss,
             pooled=None, cls_token=x[:, 0] if n_cls else None,

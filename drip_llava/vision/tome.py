@@ -119,16 +119,18 @@ class ToMeVisionModel(FamilyVisionModel):
     config_class = ToMeConfig
 
     def forward_features(self, pixel_values: torch.Tensor, boundaries: Optional[torch.Tensor] = None,
-                         output_hidden_states: bool = False) -> TowerOutput:
+                         output_hidden_states: bool = False, output_layer: Optional[int] = None) -> TowerOutput:
+        """`output_layer` = k: the merged tokens after block k (hidden_states[k]); later blocks do not run."""
         self.check_no_boundaries(boundaries)
         c = self.config
+        stop = self.stop_index(output_layer)
         n_cls = int(c.class_token)
         x = self.embed(pixel_values)  # [B,T,D]
         B, T, D = x.shape
         size = None  # [B,T,1] patches per token; None while nothing is merged (ViT path, exact)
         patch_token = torch.arange(n_cls, T, device=x.device).expand(B, -1)  # [B,L] token index of each patch
         hidden, masks = ([x], [x.new_ones(B, T, dtype=torch.bool)]) if output_hidden_states else (None, None)
-        for blk, (_, r) in zip(self.blocks, c.merge_schedule()):
+        for blk, (_, r) in zip(self.blocks[:stop], c.merge_schedule()):
             if r == 0 and size is None:
                 x = self.run_block(blk, x)
             else:
@@ -138,7 +140,7 @@ class ToMeVisionModel(FamilyVisionModel):
                 masks.append(x.new_ones(B, x.shape[1], dtype=torch.bool))
         mask = x.new_ones(B, x.shape[1] - n_cls, dtype=torch.bool)
         return self.finish(x, mask, x.new_zeros(()), hidden, masks, patch_token - n_cls,
-                           torch.full_like(patch_token, c.depth))
+                           torch.full_like(patch_token, stop), ln_post=output_layer is None)
 
     def _merge_block(self, blk, x, size, patch_token, r: int):
         """One Block with proportional attention, then r merges between its attention and its MLP."""
