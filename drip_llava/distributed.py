@@ -53,11 +53,31 @@ def launched_multiprocess() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def deepspeed_shm_buffer() -> Path:
+    """This rank's shared-memory segment of DeepSpeed's CPU allreduce (ops/csrc/cpu/comm/shm.cpp names it
+    deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>). DeepSpeed never unlinks it: every
+    CPU run would leave ~69 MB per rank in /dev/shm, which is RAM, until the machine runs out of it."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    rank = os.environ.get("RANK", "0")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_deepspeed_shm() -> None:
+    """Unlink this rank's DeepSpeed allreduce segment, if there is one. Safe once the rank's collectives are over:
+    the peers' mappings stay valid after the name is gone (POSIX shm), only the memory's owner list shrinks."""
+    if hasattr(os, "getuid"):  # POSIX only; elsewhere DeepSpeed's CPU op is not built
+        deepspeed_shm_buffer().unlink(missing_ok=True)
+
+
 def exit_after_main(main: Callable[[], Any]) -> None:
     """Run a launcher entry point; on a multi-process run that returned, flush and `os._exit(0)` so that teardown
     cannot fail the finished run. `main` has already left the group (every entry point ends with
-    `end_process_group`). Exceptions propagate as usual (non-zero exit); single-process runs exit normally."""
-    main()
+    `end_process_group`). Exceptions propagate as usual (non-zero exit); single-process runs exit normally.
+    Either way the rank's DeepSpeed shared-memory segment is released (`release_deepspeed_shm`)."""
+    try:
+        main()
+    finally:
+        release_deepspeed_shm()
     if not launched_multiprocess():
         return
     logging.shutdown()

@@ -168,8 +168,9 @@ def test_zero3_lora_ranks_with_and_without_images_finish_and_save(tiny_llm_dir, 
     the launcher's default SAVE_STEPS. It finishes the epoch and leaves checkpoints along the way."""
     data = write_alternating_data(tmp_path / "data", 13)
     out = tmp_path / "lora"
+    port = free_port()
     env = dict(MODEL=tiny_llm_dir, VISION_TOWER=tiny_drip_dir, PRETRAIN_ADAPTER="", DATA_PATH=data,
-               IMAGE_FOLDER=tmp_path / "data" / "images", OUTPUT_DIR=out, NUM_GPUS=2, MASTER_PORT=free_port(),
+               IMAGE_FOLDER=tmp_path / "data" / "images", OUTPUT_DIR=out, NUM_GPUS=2, MASTER_PORT=port,
                PER_DEVICE_BATCH=1, GLOBAL_BATCH=4, NUM_WORKERS=0, LORA_R=8, LORA_ALPHA=16, MODEL_MAX_LENGTH=256,
                SAVE_TOTAL_LIMIT=10, PYTHON=sys.executable)
     log = tmp_path / "run.log"
@@ -183,6 +184,8 @@ def test_zero3_lora_ranks_with_and_without_images_finish_and_save(tiny_llm_dir, 
     logs = [r for r in read_metrics(out) if "loss" in r]
     assert steps >= 3 and [r["step"] for r in logs] == list(range(1, steps + 1))
     assert all(r["loss"] == r["loss"] for r in logs) and state["epoch"] >= 0.99  # no NaN; the whole epoch
+    # each rank unlinked DeepSpeed's CPU allreduce segment (~69 MB of RAM each, left behind by DeepSpeed itself)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     # default SAVE_STEPS = 10% of the run (rounded up): a checkpoint at every step of this short run
     ckpts = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     assert ckpts == list(range(1, steps + 1)), ckpts

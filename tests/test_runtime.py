@@ -52,3 +52,29 @@ def test_launch_env_sh_uses_the_python_policy():
     assert out.stdout.strip() == "0|2|bf16|1|--use_cpu True --bf16 True --fp16 False"
     bad = _source_launch_env(PRECISION="fp16")
     assert bad.returncode == 2 and "fp16 needs a GPU" in bad.stderr
+
+
+def test_launcher_entry_points_release_deepspeeds_shm_segment(monkeypatch, tmp_path):
+    """DeepSpeed's CPU allreduce leaves /dev/shm/deepspeed_allreduce_buffer_* (RAM) behind after every run;
+    exit_after_main unlinks the rank's own segment, after success and after a failure alike."""
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    from drip_llava.distributed import deepspeed_shm_buffer, exit_after_main
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", f"test{os.getpid()}")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    seg = deepspeed_shm_buffer()
+    assert seg.name.endswith(f"_{os.getuid()}_127.0.0.1_test{os.getpid()}_1")
+    seg.write_bytes(b"x")
+    exit_after_main(lambda: None)
+    assert not seg.exists()
+
+    def crash():
+        seg.write_bytes(b"x")
+        raise RuntimeError("rank failed")
+
+    with pytest.raises(RuntimeError, match="rank failed"):
+        exit_after_main(crash)
+    assert not seg.exists()
