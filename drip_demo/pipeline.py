@@ -391,12 +391,13 @@ class Demo:
         self.results["exact_match"] = exact_match(qfile, ev / "exact_answers.jsonl")
         self.results["efficiency"] = json.loads((ev / "efficiency.json").read_text())
         towers = ",".join(["vit-tiny-16"] + [str(self.out / "clip" / p / "vision_tower") for p in CLIP_MODELS[1:]])
-        self.run("prefill-bench", [PY, "-m", "drip_demo.prefill_bench", "--llm", self.llm_dir,
+        # the payoff bench's inference half: the trained towers in front of the LLM, time to first token
+        self.run("prefill-bench", [PY, "-m", "drip_llava.eval.payoff", "--llm", self.llm_dir, "--no-train",
                                    "--towers", towers, "--no-calibrate", "--repeats", self.b.bench_repeats,
-                                   "--threads", "2", "--images",
+                                   "--threads", "2", "--conv-mode", "chat_template", "--images",
                                    ",".join(self.sample_images(self.b.bench_images) + ["astronaut", "coffee"]),
                                    "--json", ev / "prefill.json"])
-        self.results["prefill"] = json.loads((ev / "prefill.json").read_text())
+        self.results["prefill"] = json.loads((ev / "prefill.json").read_text())["towers"]
 
     def rank_jobs(self, model: Path, ev: Path, tags, log: str = "sqa-rank") -> list[tuple[str, list]]:
         """The likelihood answer runs (drip_llava.eval.rank_choices) of a stage-2 model on every ScienceQA-format

@@ -84,10 +84,10 @@ def plot_clip_comparison(results: dict, path: Path):
 
 def plot_tokens(rows: list, path: Path):
     fig, ax = plt.subplots(figsize=(6, 4))
-    names = [Path(r["tower"]).parent.name if "/" in r["tower"] else r["tower"] for r in rows]
+    names = [r["name"] for r in rows]
     ax.bar(names, [r["visual_tokens_mean"] for r in rows], color="C0", label="visual tokens / image")
     ax2 = ax.twinx()
-    ax2.plot(names, [r["prefill_ms"] for r in rows], "o-", color="C3", label="LLM prefill ms")
+    ax2.plot(names, [r["prefill_ms_median"] for r in rows], "o-", color="C3", label="LLM prefill ms")
     ax.set(ylabel="visual tokens per image (mean)", title="Visual tokens and SmolLM2 prefill time")
     ax2.set_ylabel("prefill ms")
     fig.tight_layout()
@@ -305,13 +305,16 @@ def write_report(out: Path, results: dict, budget: dict, quick: bool):
 
     if prefill:
         L += ["## 5. Efficiency: visual tokens and LLM prefill", "",
-              "| tower | visual tokens mean [min-max] | tower ms | prefill ms | prefill vs ViT |",
-              "|---|---|---|---|---|"]
-        base = prefill[0]["prefill_ms"]
+              "`python -m drip_llava.eval.payoff --no-train` (medians per image; vision = image processing + tower + "
+              "projector; prefill GMACs analytic).", "",
+              "| tower | visual tokens mean [min-max] | vision ms | prefill ms | TTFT ms | prefill GMACs | "
+              "prefill vs ViT |", "|---|---|---|---|---|---|---|"]
+        base = prefill[0]["prefill_ms_median"]
         for r in prefill:
-            name = Path(r["tower"]).parent.name if "/" in r["tower"] else r["tower"]
-            L.append(f"| {name} | {r['visual_tokens_mean']:.1f} [{r['visual_tokens_min']}-{r['visual_tokens_max']}] | "
-                     f"{r['tower_ms']:.1f} | {r['prefill_ms']:.1f} | {base / r['prefill_ms']:.2f}x faster |")
+            L.append(f"| {r['name']} | {r['visual_tokens_mean']:.1f} [{r['visual_tokens_min']}-"
+                     f"{r['visual_tokens_max']}] | {r['vision_ms_median']:.1f} | {r['prefill_ms_median']:.1f} | "
+                     f"{r['ttft_ms_median']:.1f} | {r['prefill_gmacs_mean']:.2f} | "
+                     f"{base / r['prefill_ms_median']:.2f}x faster |")
         L += ["", "![tokens and prefill](report/tokens_prefill.png)", ""]
     eff = results.get("efficiency")
     if eff:

@@ -6,8 +6,9 @@
 For each model (side by side when --model-path-b is given), over the same images (a folder, or "examples"
 for the offline photos):
   visual tokens per image   the real count the LLM reads (mean / min / max)
-  vision GMACs per image    analytic MACs of the tower's forward (drip_llava.vision.flops.macs_breakdown with
-                            the image's own segment count, minus the unused projection head) + the projector
+  vision GMACs per image    analytic MACs of the tower's forward up to the block the LLM reads
+                            (drip_llava.vision.flops.macs_breakdown with the image's own segment count, without
+                            the later blocks and the unused projection head) + the projector
   LLM prefill GMACs         analytic, counted per layer from the LLM config: q/k/v/o and MLP matmuls for
                             every prompt token, attention scores and weighted sum as a full n x n product
                             (a causal kernel may skip about half of those), lm_head for the last position only
@@ -15,7 +16,8 @@ for the offline photos):
   time to first token       measured: image preprocessing + tower + projector + prefill + first token, through
                             the same engine as the chat demo; medians after one warm-up; the vision / prefill
                             split is reported too.
-MACs, not FLOPs (1 MAC = 2 FLOPs).
+MACs, not FLOPs (1 MAC = 2 FLOPs). The tower sweep (ViT vs DRIP towers in front of one LLM, with training
+throughput) is drip_llava.eval.payoff, over these same functions.
 """
 from __future__ import annotations
 
@@ -51,21 +53,40 @@ def projector_macs_per_token(projector) -> float:
     return float(sum(m.in_features * m.out_features for m in projector.modules() if isinstance(m, torch.nn.Linear)))
 
 
-def vision_macs(tower_config, n_tokens: int) -> float:
+def vision_macs(tower_config, n_tokens: int, layer_index: Optional[int] = None) -> float:
     """Tower forward MACs for one image with `n_tokens` segments (L for a plain ViT), without the projection
-    head (LLaVA reads hidden states, never the pooled embedding)."""
+    head (LLaVA reads hidden states, never the pooled embedding). `layer_index` (DripVisionTower.layer_index):
+    the tower stops after that many blocks (select layer -2 skips the last one), so later blocks are not counted;
+    None counts every block (other tower families are always counted whole)."""
     from drip_llava.vision.flops import macs_breakdown
 
-    b = macs_breakdown(tower_config, n_tokens if tower_config.is_drip else None)
-    return float(b["total"] - b["projection"])
+    c = tower_config
+    b = macs_breakdown(c, n_tokens if c.is_drip else None)
+    total = float(b["total"] - b["projection"])
+    if layer_index is not None and c.family == "drip" and layer_index < c.depth:
+        # the skipped blocks are after pooling for DRIP (the tower refuses a layer before it)
+        per_block = b["blocks_short"] / c.n_short if c.is_drip else b["blocks_pre"] / c.depth
+        total -= (c.depth - layer_index) * per_block
+    return total
 
 
 def list_images(spec: str, max_images: Optional[int]) -> list[tuple[str, object]]:
-    """[(name, path or PIL image)] from a folder (sorted) or "examples" (offline photos)."""
-    if spec == "examples":
-        from drip_llava.vision.images import example_image, list_examples
+    """[(name, path or PIL image)] from a folder (sorted), "examples" (the offline photos), or a comma-separated
+    list of example photo names and image paths."""
+    from drip_llava.vision.images import example_image, list_examples
 
+    if spec == "examples":
         items = [(n, example_image(n)) for n in list_examples()]
+    elif "," in spec or spec in list_examples() or Path(spec).is_file():
+        items = []
+        for part in (s.strip() for s in spec.split(",") if s.strip()):
+            if Path(part).is_file():
+                items.append((Path(part).name, Path(part)))
+            elif part in list_examples():
+                items.append((part, example_image(part)))
+            else:
+                raise FileNotFoundError(f"--images: {part!r} is neither an image file nor an example photo "
+                                        f"({', '.join(list_examples())})")
     else:
         folder = Path(spec)
         if not folder.is_dir():
@@ -79,47 +100,67 @@ def list_images(spec: str, max_images: Optional[int]) -> list[tuple[str, object]
 def measure_model(model_path: str, images: list, question: str, model_base: Optional[str] = None,
                   conv_mode: Optional[str] = None, device: Optional[str] = None, repeats: int = 1,
                   load_4bit: bool = False, load_8bit: bool = False) -> dict:
-    from tqdm import tqdm
-
-    from drip_llava.inference import ChatEngine, GenerationSettings, ImageRejected
+    from drip_llava.inference import ChatEngine
 
     engine = ChatEngine.from_pretrained(model_path, model_base=model_base, conv_mode=conv_mode, device=device,
                                         load_4bit=load_4bit, load_8bit=load_8bit)
+    summary = measure_engine(engine, images, question, repeats=repeats, name=Path(model_path).name)
+    summary.update(model_path=str(model_path), kind=engine.loaded.kind)
+    del engine
+    gc.collect()
+    return summary
+
+
+def measure_engine(engine, images: list, question: str, repeats: int = 1, name: str = "", clock=None) -> dict:
+    """Tokens, analytic MACs and measured TTFT of one loaded model over `images` (see module doc): the summary and
+    its per-image rows. `clock` (optional, e.g. payoff.LayerClock) is reset before each timed reply and read
+    after it: `layers_ms` per image, the time spent inside the LLM's decoder layers during the prefill."""
+    from tqdm import tqdm
+
+    from drip_llava.inference import GenerationSettings, ImageRejected
+
     settings = GenerationSettings(temperature=0.0, max_new_tokens=1)
     messages = [{"role": "user", "content": question}]
     tower_cfg = engine.tower.config
     proj_per_token = projector_macs_per_token(engine.inner.mm_projector)
     rows, skipped = [], []
     warmed = False
-    for name, src in tqdm(images, desc=f"efficiency {Path(model_path).name}", dynamic_ncols=True):
+    for img_name, src in tqdm(images, desc=f"efficiency {name}", dynamic_ncols=True):
         try:
-            image, _ = engine.load_image(src, name=name)
+            image, _ = engine.load_image(src, name=img_name)
         except ImageRejected as e:
-            skipped.append({"image": name, "reason": str(e)})
+            skipped.append({"image": img_name, "reason": str(e)})
             continue
         if not warmed:
             engine.generate(messages, image, settings)
             warmed = True
-        replies = [engine.generate(messages, image, settings) for _ in range(max(1, repeats))]
+        replies, layer_ms = [], []
+        for _ in range(max(1, repeats)):
+            if clock is not None:
+                clock.reset()
+            replies.append(engine.generate(messages, image, settings))
+            if clock is not None:
+                layer_ms.append(1000 * clock.seconds)
         r = replies[0]
         n = r.visual_tokens
         rows.append({
-            "image": name, "visual_tokens": n, "prompt_tokens": r.prompt_tokens,
-            "vision_gmacs": (vision_macs(tower_cfg, n) + n * proj_per_token) / 1e9,
+            "image": img_name, "visual_tokens": n, "prompt_tokens": r.prompt_tokens,
+            "vision_gmacs": (vision_macs(tower_cfg, n, engine.tower.layer_index) + n * proj_per_token) / 1e9,
             "prefill_gmacs": llm_prefill_macs(engine.inner.config, r.prompt_tokens) / 1e9,
             "ttft_ms": statistics.median(x.ttft_ms for x in replies),
             "vision_ms": statistics.median(x.vision_ms for x in replies),
             "prefill_ms": statistics.median(x.prefill_ms for x in replies),
+            **({"layers_ms": statistics.median(layer_ms)} if layer_ms else {}),
         })
     if not rows:
-        raise ValueError(f"{model_path}: no usable image ({len(skipped)} skipped: {skipped[:3]})")
+        raise ValueError(f"{name}: no usable image ({len(skipped)} skipped: {skipped[:3]})")
     tokens = [x["visual_tokens"] for x in rows]
 
     def mean(key):
         return statistics.mean(x[key] for x in rows)
 
     summary = {
-        "model_path": str(model_path), "kind": engine.loaded.kind, "conv_mode": engine.conv_mode,
+        "model_path": name, "conv_mode": engine.conv_mode,
         "tower": "DRIP" if tower_cfg.is_drip else "ViT", "compression": tower_cfg.compression,
         "image_size": tower_cfg.image_size, "patches": tower_cfg.num_patches,
         "images": len(rows), "skipped": skipped,
@@ -131,8 +172,8 @@ def measure_model(model_path: str, images: list, question: str, model_base: Opti
         "prefill_ms_median": statistics.median(x["prefill_ms"] for x in rows),
         "device": str(engine.device), "per_image": rows,
     }
-    del engine
-    gc.collect()
+    if clock is not None:
+        summary["layers_ms_median"] = statistics.median(x["layers_ms"] for x in rows)
     return summary
 
 
