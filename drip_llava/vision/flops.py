@@ -16,7 +16,8 @@ MACs per image (D width, H = mlp_ratio*D, N tokens incl. CLS, L patches, S segme
                + n_short*block(1+S) + D*E
   other tower families (`config.family`): `FAMILY_MACS[family](config)`, each documented at its function;
   their token counts per block are fixed by the config in eval mode, so no `tokens_short` is taken (A-ViT's
-  depend on the image: the config's figure is at its reference counts, which `counted_macs` forces).
+  and DVT's depend on the image: the config's figure is at its reference counts / exit, which `counted_macs`
+  forces).
 """
 from __future__ import annotations
 
@@ -93,7 +94,48 @@ def avit_macs(config, tokens_per_block: Optional[Sequence[int]] = None) -> dict:
             "projection": D * c.embed_dim, "tokens_out": c.max_tokens}
 
 
-FAMILY_MACS = {"tome": tome_macs, "dynamicvit": dynamicvit_macs, "avit": avit_macs}
+def dvt_exit_macs(config, num_classes: int = 0) -> list[dict]:
+    """DVT: per exit k (not cumulative), the work of running exit k on an image: its patch embedding
+    (g_k^2 patches of image_size/g_k px), depth blocks on 1 + g_k^2 tokens, its projection (every exit run computes
+    its embedding), for k > 0 the reuse of exit k-1 (feature: per block an MLP D -> Fh -> Fd on exit k-1's g_{k-1}^2
+    patch tokens + Fd -> mlp hidden on exit k's; relation: the 1x1 MLP C -> rC -> C, C = depth*heads, on
+    exit k-1's (1 + g_{k-1}^2)^2 logit positions; resampling is pooling, not counted) and, with `num_classes`, the
+    exit classifier (num_classes*E) that decides whether the image leaves (every exit but the last)."""
+    c = config
+    D, E, H = c.hidden_size, c.embed_dim, int(c.hidden_size * c.mlp_ratio)
+    n_cls, tokens = int(c.class_token), c.exit_tokens()
+    C = c.depth * c.num_heads
+    out = []
+    for k, L in enumerate(tokens):
+        row = {"patch_embed": L * 3 * c.exit_patch_size(k) ** 2 * D, "blocks": c.depth * block_macs(c, L + n_cls),
+               "feature_reuse": 0, "relation_reuse": 0, "projection": D * E,
+               "classifier": num_classes * E if k < len(tokens) - 1 else 0}
+        if k > 0 and c.feature_reuse:
+            Fh, Fd = c.feature_reuse_hidden, c.feature_reuse_dim
+            row["feature_reuse"] = c.depth * (tokens[k - 1] * (D * Fh + Fh * Fd) + L * Fd * H)
+        if k > 0 and c.relation_reuse:
+            row["relation_reuse"] = (tokens[k - 1] + n_cls) ** 2 * 2 * c.relation_reuse_ratio * C * C
+        out.append(row)
+    return out
+
+
+def dvt_macs(config, exit: Optional[int] = None, num_classes: int = 0) -> dict:
+    """DVT: MACs of an image that leaves at `exit` (default `config.reference_exit()`: the fixed exit, or the last
+    one, the worst case, under the threshold policy): the sum over the exits it ran (`dvt_exit_macs`)."""
+    k = config.reference_exit() if exit is None else exit
+    rows = dvt_exit_macs(config, num_classes)[:k + 1]
+    out = {key: sum(r[key] for r in rows) for key in rows[0]}
+    out["tokens_out"] = config.exit_tokens()[k]
+    return out
+
+
+def dvt_cumulative_macs(config, num_classes: int = 0) -> list[float]:
+    """[K] MACs of an image leaving at each exit (what `dvt.fit_exit_thresholds` takes)."""
+    return [float(sum(v for key, v in dvt_macs(config, k, num_classes).items() if not key.startswith("tokens")))
+            for k in range(config.num_exits)]
+
+
+FAMILY_MACS = {"tome": tome_macs, "dynamicvit": dynamicvit_macs, "avit": avit_macs, "dvt": dvt_macs}
 
 
 def macs_breakdown(config: DripVisionConfig, tokens_short: Optional[float] = None) -> dict:

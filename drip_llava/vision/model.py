@@ -68,6 +68,18 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B,H,T,Dh]
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
+    def forward_with_logits(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
+        """(output, logits [B,H,T,T]): `forward`'s math with an explicit softmax, for callers that reuse the
+        pre-softmax logits (bias included), e.g. DVT's relationship reuse. x: [B,T,D]; bias: additive, broadcast
+        to [B,H,T,T]."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        logits = (q @ k.transpose(-2, -1)) * (D // self.num_heads) ** -0.5  # [B,H,T,T]
+        if bias is not None:
+            logits = logits + bias
+        x = logits.softmax(dim=-1) @ v  # [B,H,T,Dh]
+        return self.proj(x.transpose(1, 2).reshape(B, T, D)), logits
+
 
 class Block(nn.Module):
     def __init__(self, config: DripVisionConfig):

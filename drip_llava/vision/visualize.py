@@ -1,7 +1,8 @@
 """Pictures of DRIP's segments: each segment (a run of patches in raster order) gets one translucent colour,
 borders are drawn between neighbouring patches of different segments, and the token count goes in the title.
 Other tower families are drawn from their `patch_token` map the same way: ToMe's merged groups each get a colour,
-and patches a family dropped (DynamicViT) are darkened. A-ViT is drawn as a heat map of each patch's halting depth.
+and patches a family dropped (DynamicViT) are darkened. A-ViT is drawn as a heat map of each patch's halting depth,
+DVT as the token grid of the exit the image took (the title names the exit).
 
 Eval mode only: the config's deterministic boundary rule (`eval_boundaries`; by default "expected", the
 round(sum sigmoid) highest-logit patches of each image; "threshold", sigmoid > threshold), no Gumbel noise, so
@@ -132,9 +133,14 @@ def depth_overlay(model, pil_image: Image.Image, alpha: float = 0.5) -> tuple[Im
 
 def segment_overlay(model, pil_image: Image.Image) -> tuple[Image.Image, int]:
     """(picture of the segments on the model's view of the image, number of tokens). Used by the Gradio app.
-    A-ViT towers (nothing merged or pooled, tokens halt) get their depth heat map (`depth_overlay`)."""
+    A-ViT towers (nothing merged or pooled, tokens halt) get their depth heat map (`depth_overlay`); DVT towers the
+    grid of the exit the image took, one colour per token of that exit."""
     if model.config.family == "avit":
         return depth_overlay(model, pil_image)
+    if model.config.family == "dvt":  # an exit's tokens are its own g x g grid, not groups of the last exit's patches
+        _, n = segment_labels(model, pil_image)
+        g = math.isqrt(n)
+        return draw_segments(model_view(model, pil_image), np.arange(n).reshape(g, g)), n
     labels, n = segment_labels(model, pil_image)
     if int(labels.max()) + 1 != n:
         raise RuntimeError(f"segment ids ({int(labels.max()) + 1}) disagree with num_tokens ({n})")
@@ -168,7 +174,8 @@ def render_figure(model, images: Sequence[Image.Image], names: Sequence[str], ou
         pic, k = segment_overlay(model, im)
         counts.append(k)
         ax.imshow(pic)
-        ax.set_title(f"{name}: {k} tokens / {L} patches ({L / k:.1f}x)", fontsize=10)
+        exit_note = f"exit {model.config.exit_tokens().index(k)}, " if model.config.family == "dvt" else ""
+        ax.set_title(f"{name}: {exit_note}{k} tokens / {L} patches ({L / k:.1f}x)", fontsize=10)
     for ax in axes.flat:
         ax.axis("off")
     if title:
