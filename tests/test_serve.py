@@ -666,3 +666,28 @@ def test_kv_reuse_another_image_failures_beams_and_eviction(lively_engine, files
     finally:
         engine.model.generate = original
     assert other_kv.past is None and len(other_kv) == 0
+
+
+def test_chat_latency_bench_runs_the_three_ways_and_batch_sizes(tmp_path):
+    """eval.chat_latency on a random model from configs: the three ways answer with the same tokens, only the KV
+    way reuses key/values (the whole previous prompt and answer, the word tokenizer reading answers back as
+    their tokens), and eval.generate's batch sizes give batch 1's answers with their throughput."""
+    import json
+
+    from drip_llava.eval import chat_latency
+
+    out = tmp_path / "latency.json"
+    result = chat_latency.main(["--repeats", "1", "--max-new-tokens", "4", "--layers", "1", "--hidden", "64",
+                                "--heads", "4", "--kv-heads", "2", "--vocab", "500", "--batch-sizes", "1,2",
+                                "--batch-questions", "3", "--batch-max-new-tokens", "3", "--json", str(out)])
+    chat = result["chat"]
+    assert chat["same_answers"] and len(chat["rows"]) == 5
+    for k, row in enumerate(chat["rows"]):
+        assert row["re-encode"]["cached_tokens"] == row["image cache"]["cached_tokens"] == 0
+        if k:
+            previous = chat["rows"][k - 1]["image + KV"]
+            assert row["image + KV"]["cached_tokens"] == previous["prompt_tokens"] + previous["new_tokens"] - 1
+    assert [b["batch_size"] for b in result["batches"]] == [1, 2]
+    assert all(b["same_answers_as_first"] and b["answered"] == 3 and b["visual_tokens_per_s"] > 0
+               for b in result["batches"])
+    assert json.loads(out.read_text())["chat"]["same_answers"]

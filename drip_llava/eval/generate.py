@@ -22,7 +22,9 @@ then exits 1 (so eval/*.sh stop) and a rerun retries only those.
 `--batch-size N` answers N questions per `model.generate` (left padding, each image with its own visual token
 count): under greedy decoding the answers equal batch 1's. The seed is set per batch, so sampled answers depend on
 the batch composition (and a resumed run's batches); the metadata then holds the batch's timings and `batch_size`.
-Answers/s is printed at the end.
+At the end the run's throughput (answers/s, visual tokens/s, generated tokens/s, over the answering loop including
+image loading) is printed and logged as one `stats {json}` line; `python -m drip_llava.eval.chat_latency` compares
+batch sizes on the same questions.
 """
 from __future__ import annotations
 
@@ -156,8 +158,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    """Returns {answered, skipped_done, failed: [question_ids], answers_file, answers_per_s (when something was
-    to do)}; exits 1 when some failed."""
+    """Returns {answered, skipped_done, failed: [question_ids], answers_file, and when something was to do:
+    answers_per_s, visual_tokens_per_s, new_tokens_per_s, seconds, batch_size}; exits 1 when some failed."""
     args = parse_args(argv)
     import torch
     from tqdm import tqdm
@@ -212,6 +214,7 @@ def main(argv=None) -> dict:
         return {"question_id": q["question_id"], "prompt": q["text"], "text": reply.text,
                 "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": meta}
 
+    visual_tokens = new_tokens = 0
     start = time.perf_counter()
     with open(out_path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=f"answers {out_path.name}",
                                                             dynamic_ncols=True) as bar:
@@ -239,14 +242,25 @@ def main(argv=None) -> dict:
                                                  for q, image in batch], settings)
             for (q, _), reply in zip(batch, replies):
                 f.write(json.dumps(record(q, reply, len(batch)), ensure_ascii=False) + "\n")
+                visual_tokens += reply.visual_tokens
+                new_tokens += reply.new_tokens
             f.flush()
             os.fsync(f.fileno())
             result["answered"] += len(batch)
             bar.update(len(batch))
     elapsed = time.perf_counter() - start
-    result["answers_per_s"] = result["answered"] / elapsed if elapsed > 0 else 0.0
-    print(f"{result['answered']} answers in {elapsed:.1f} s: {result['answers_per_s']:.3f} answers/s "
-          f"(batch size {args.batch_size})", file=sys.stderr, flush=True)
+
+    def rate(n):
+        return n / elapsed if elapsed > 0 else 0.0
+
+    stats = {"answered": result["answered"], "seconds": round(elapsed, 3), "batch_size": args.batch_size,
+             "answers_per_s": rate(result["answered"]), "visual_tokens_per_s": rate(visual_tokens),
+             "new_tokens_per_s": rate(new_tokens)}
+    result.update(stats)
+    print(f"{result['answered']} answers in {elapsed:.1f} s: {stats['answers_per_s']:.3f} answers/s "
+          f"(batch size {args.batch_size}); {stats['visual_tokens_per_s']:.1f} visual tokens/s, "
+          f"{stats['new_tokens_per_s']:.1f} generated tokens/s", file=sys.stderr, flush=True)
+    logger.info("stats %s", json.dumps(stats))
     if result["failed"]:
         print(f"{len(result['failed'])} questions skipped (unreadable images, see above): "
               f"{result['failed'][:20]}; rerun to retry them", file=sys.stderr, flush=True)
