@@ -259,7 +259,8 @@ def prompt_tokens(llm_dir: str, sqa: Path) -> int:
     tok = AutoTokenizer.from_pretrained(llm_dir)
     p = next(iter(json.loads((sqa / "problems.json").read_text()).values()))
     text = p["question"] + "\n" + "\n".join(f"{'ABCDE'[i]}. {c}" for i, c in enumerate(p["choices"]))
-    return len(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+    prompt = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    return len(tok(prompt, add_special_tokens=False)["input_ids"])
 
 
 # ---- the tables --------------------------------------------------------------------------------------------
