@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: install demo test test-fast bench clean-demo
+.PHONY: install demo test test-fast bench compare clean-demo
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ bench: install
 	$(PY) -m drip_llava.vision.bench --presets vit-b-16,drip-b-16-4x,drip-b-16-10x --mode infer --batch 8
 	$(PY) -m drip_llava.vision.bench --presets vit-b-16,drip-b-16-4x,drip-b-16-10x --mode train --batch 8
 	$(PY) -m drip_llava.vision.bench --llava-tower --repeats 2
+
+# ViT, DRIP and the other token-reduction towers at matched compute, one table (playground/compare/COMPARE.md).
+compare: install
+	$(PY) -m drip_demo.compare $(if $(QUICK),--quick) $(if $(FRESH),--fresh)
 
 clean-demo:
 	rm -rf playground/demo

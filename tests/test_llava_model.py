@@ -422,3 +422,21 @@ def test_load_4bit_keeps_projector_and_tower_unquantized(tmp_path, llava, images
     assert new.shape == (1, 3)
     # a 4-bit model is close to the fp32 one (same tower + projector, quantized LLM)
     assert F.cosine_similarity(_logits(m, images).flatten(), _logits(llava, images).flatten(), dim=0) > 0.9
+
+
+def test_projector_checkpoint_of_another_tower_family_loads(tmp_path, tiny_llm_dir, images):
+    """A stage-1 folder whose tower is another family (here ToMe) loads with its own tower class: the builder reads
+    the tower folder through the family registry (a DripVisionModel refuses a `family: tome` config)."""
+    from drip_llava.vision.families import create_model
+
+    tower_dir = tmp_path / "tome-tower"
+    create_model("vit-tiny-16", family="tome", merge_r=4).save_pretrained(tower_dir)
+    model = DripLlavaForCausalLM.from_pretrained(str(tiny_llm_dir))
+    model.initialize_vision_modules(str(tower_dir), "mlp2x_gelu", select_layer=-2)
+    model.eval()
+    ref = _logits(model, images)
+    proj = tmp_path / "stage1"
+    model.save_mm_projector(proj)
+    loaded = load_pretrained_model(proj, model_base=tiny_llm_dir, device="cpu")
+    assert type(loaded.model.vision_tower.model).__name__ == "ToMeVisionModel"
+    assert torch.allclose(_logits(loaded.model, images), ref, atol=1e-5)

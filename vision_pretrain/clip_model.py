@@ -175,7 +175,9 @@ class DripCLIP(nn.Module):
             "text_features": F.normalize(self.text(text).float(), dim=-1),
             "logit_scale": self.logit_scale.exp(),
             "rate_loss": out.rate_loss,
-            "boundary_rate": out.boundaries.detach().float().mean(),
+            # families without boundaries (ToMe, DynamicViT, A-ViT, DVT): tokens kept per patch, DRIP's rate
+            "boundary_rate": (out.boundaries.detach().float().mean() if out.boundaries is not None
+                              else out.num_tokens.detach().float().mean() / self.visual.config.num_patches),
             "num_tokens": out.num_tokens,
         }
 

@@ -76,11 +76,11 @@ def peak_memory_mb(device: torch.device) -> float:
 def summarize_clip_run(run: str | Path) -> dict:
     """A finished CLIP run in a few numbers (last epoch's zero-shot, GMACs, step time; the loss curve; the mean
     training boundary rate over the last quarter of the steps and its target), for side-by-side reports."""
-    from drip_llava.vision import DripVisionConfig
+    from drip_llava.vision.config import create_config
 
     run = Path(run)
     recs = read_jsonl(run / "log.jsonl")
-    tower = DripVisionConfig.from_pretrained(str(run / "vision_tower"))
+    tower = create_config(json.loads((run / "vision_tower" / "config.json").read_text()))  # any tower family
     steps = [r for r in recs if r.get("event") == "step"]
     epochs = [r for r in recs if r.get("event") == "epoch"]
     last = epochs[-1] if epochs else {}

@@ -121,7 +121,7 @@ def _check_base(cfg: DripLlavaConfig, model_base: str, folder: Path) -> None:
 
 def _tower_state(cfg: DripLlavaConfig, folder: Path, non_lora: dict[str, torch.Tensor]) -> dict | None:
     """Tower weights for a lora/projector folder (None when non_lora_trainables carries them)."""
-    from drip_llava.vision import DripVisionModel
+    from drip_llava.vision.families import from_pretrained as load_tower  # any tower family
 
     if any(k.startswith("vision_tower.") for k in non_lora):
         return None
@@ -130,7 +130,7 @@ def _tower_state(cfg: DripLlavaConfig, folder: Path, non_lora: dict[str, torch.T
         candidates.append(Path(cfg.mm_vision_tower).expanduser())
     for cand in candidates:
         if (cand / "config.json").is_file():
-            tower = DripVisionModel.from_pretrained(str(cand))
+            tower = load_tower(cand)
             saved, found = cfg.vision_config, tower.config.to_dict()
             diff = architecture_diff(saved, found)
             if diff:
