@@ -12,7 +12,10 @@ no patch leaves CLS (or, without CLS, a uniform attention) and the predictor's m
 Training therefore saves no compute; only eval does.
 Eval: each stage keeps the top-k scores (k = `keep_counts()`, the same for every image) and really removes the
 rest, so the output has k_last tokens per image and no padding.
-Distillation to a teacher (the paper's option) belongs to the trainer: the output carries the kept patches.
+Distillation to the unpruned ViT (the paper's option): `distillation_loss(student_out, teacher_out, ...)` = KL of
+the class distributions + MSE of each kept token against the teacher's token of the same patch (matched through
+`patch_token`); `unpruned_teacher(model)` builds the teacher from the student's own weights. Trainers add
+weight * (kl + mse) (0.5 in the paper) with the teacher frozen.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DripVisionConfig
-from .families import FamilyVisionModel, TowerOutput, check_family_config, register_family
+from .families import FamilyVisionModel, TowerOutput, check_family_config, create_model, register_family
+from .model import DripVisionModel, DripVisionOutput
 
 _MASK_EPS = 1e-6  # weight left to a dropped key in training (the paper's eps)
 
@@ -147,3 +151,41 @@ class DynamicViTVisionModel(FamilyVisionModel):
             patch_token.scatter_(1, patch_idx, torch.arange(patch_idx.shape[1], device=x.device).expand(B, -1))
         loss = torch.stack(losses).mean() if losses else x.new_zeros((), dtype=torch.float32)
         return self.finish(x, mask, loss, hidden, masks, patch_token, patch_depth, ln_post=output_layer is None)
+
+
+# ---- distillation to the unpruned ViT ---------------------------------------------------------------------------
+def unpruned_teacher(model: DripVisionModel) -> DripVisionModel:
+    """A frozen plain ViT (family "drip", compression 1) with a copy of `model`'s body weights (a family's own
+    parameters, such as the predictors, left out), in eval mode: the teacher when no trained ViT is given."""
+    base = DripVisionConfig().to_dict()
+    values = {k: v for k, v in model.config.to_dict().items() if k in base}
+    teacher = create_model({**values, "family": "drip", "compression": 1.0})
+    missing, _ = teacher.load_state_dict(model.state_dict(), strict=False)
+    if missing:
+        raise ValueError(f"{type(model).__name__} lacks ViT weights the teacher needs: {missing}")
+    return teacher.requires_grad_(False).eval()
+
+
+def distillation_loss(student: TowerOutput, teacher: DripVisionOutput, student_logits: torch.Tensor,
+                      teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kl, mse), DynamicViT's distillation terms (its DistillDiffPruningLoss with the token MSE used for ViTs).
+
+    kl: KL(teacher || student) of softmax(logits) [B,C], mean over images. mse: squared difference, averaged over
+    channels and over the (image, patch) pairs the student kept, between the student's output token of each patch
+    (`patch_token`, training or eval) and the teacher's token of that patch; 0 when no patch is kept. `teacher` must
+    give every patch a token in raster order (a plain ViT); it is not differentiated."""
+    patch_token = getattr(student, "patch_token", None)
+    if patch_token is None:
+        raise ValueError("distillation needs a tower family's output (TowerOutput.patch_token); DRIP has none")
+    B, L = patch_token.shape
+    if teacher.features.shape[:2] != (B, L) or not bool(teacher.mask.all()):
+        raise ValueError(f"the teacher must give all {L} patches a token (a plain ViT), got features "
+                         f"{tuple(teacher.features.shape)}")
+    kl = F.kl_div(F.log_softmax(student_logits.float(), dim=-1), F.log_softmax(teacher_logits.detach().float(), dim=-1),
+                  reduction="batchmean", log_target=True)
+    kept = patch_token >= 0  # [B,L]
+    D = student.features.shape[-1]
+    own = student.features.gather(1, patch_token.clamp(min=0)[..., None].expand(-1, -1, D))  # [B,L,D] patch's token
+    err = (own.float() - teacher.features.detach().float()).square().mean(-1)  # [B,L]
+    mse = (err * kept).sum() / kept.sum().clamp(min=1)
+    return kl, mse
