@@ -167,6 +167,22 @@ def test_llava_tower_stops_at_its_block_for_every_family(preset):
     assert feats.shape[1] <= tower.max_tokens and torch.isfinite(rate)
 
 
+def test_bench_shows_target_and_realised_tokens_per_family(capsys):
+    from drip_llava.vision import bench
+
+    presets = ["vit-tiny-16", "tome-tiny-16-r8", "dynamicvit-tiny-16-rho0.5", "avit-tiny-16"]
+    res = bench.main(["--presets", ",".join(presets), "--batch", "2", "--repeats", "1", "--warmup", "0"])
+    rows = {r["preset"]: r for r in res["results"]}
+    assert [(rows[p]["tokens_target"], rows[p]["tokens_min"], rows[p]["tokens_max"]) for p in presets] == [
+        (64, 64, 64), (16, 16, 16), (8, 8, 8), (64, 64, 64)]
+    assert rows["tome-tiny-16-r8"]["tokens_mean"] == 16
+    assert "| tome-tiny-16-r8 | 16 | 16.0 (16-16) |" in capsys.readouterr().out
+    # A-ViT hiding early-halted tokens: the target counts the reference depths past drop_halted_before
+    cfg = get_preset_config("avit-tiny-16", drop_halted_before=3)
+    assert bench.target_tokens(cfg) == sum(d > 3 for d in cfg.reference_depths()) < 64
+    assert bench.target_tokens(get_preset_config("drip-tiny-16-4x")) == 16
+
+
 # ---- ToMe ---------------------------------------------------------------------------------------
 def test_tome_r0_is_the_plain_vit_exactly():
     vit = _model("vit-tiny-16").eval()

@@ -147,6 +147,18 @@ def make_adamw(params, lr: float) -> torch.optim.Optimizer:
 
 
 # ---- one preset --------------------------------------------------------------------------------
+def target_tokens(config) -> int:
+    """Visual tokens per image a tower's config aims to output (what an LLM fed with its output gets): DRIP
+    L / compression, the plain ViT L, ToMe / DynamicViT their fixed count, A-ViT the patches whose reference
+    halting depth is past `drop_halted_before` (all L without it); any other family its `max_tokens`."""
+    if config.family == "drip":
+        return default_tokens_short(config)
+    if config.family == "avit" and config.drop_halted_before is not None:
+        return sum(d > config.drop_halted_before for d in config.reference_depths())
+    return config.max_tokens
+
+
+
 class Runner:
     """A random-init model + optimizer + fixed batch; `step()` runs one timed infer / train step."""
 
@@ -162,14 +174,14 @@ class Runner:
         c = self.model.config
         g = torch.Generator().manual_seed(seed + 1)
         self.x = torch.randn(batch, 3, c.image_size, c.image_size, generator=g).to(device)
-        self.target_tokens = default_tokens_short(c)
+        self.target_tokens = target_tokens(c)
         self.bias = calibrate_boundary_bias(self.model, self.x, mode) if (calibrate and c.is_drip) else None
         self.model.train(mode == "train")
         # lr is tiny on purpose: the step's cost is what is measured; the calibrated rate must not drift
         self.opt = make_adamw(self.model.parameters(), lr) if mode == "train" else None
         self.autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16
                          else contextlib.nullcontext())
-        self.times, self.mem_mb, self.tokens, self.padded = [], [], [], []
+        self.times, self.mem_mb, self.tokens, self.padded, self.counts = [], [], [], [], []
 
     def _run(self, timer: Optional["StageTimer"] = None):
         if self.mode == "infer":
@@ -212,6 +224,7 @@ class Runner:
             self.mem_mb.append(mem.peak_mb)
             n = out.num_tokens.float()
             self.tokens.append(float(n.mean()))
+            self.counts += out.num_tokens.tolist()
             self.padded.append(int(out.mask.shape[1]))
         return dt
 
@@ -224,8 +237,8 @@ class Runner:
         return {
             "preset": self.preset, "median_s": med, "min_s": best, "images_per_s": batch / med,
             "times_s": self.times,
-            "tokens_target": self.target_tokens if c.is_drip else c.num_patches,
-            "tokens_mean": tokens, "tokens_padded": padded, "calibrated_bias": self.bias,
+            "tokens_target": self.target_tokens, "tokens_mean": tokens, "tokens_min": min(self.counts),
+            "tokens_max": max(self.counts), "tokens_padded": padded, "calibrated_bias": self.bias,
             "gmacs": analytic_macs(c, tokens if c.is_drip else None) / 1e9,
             "gmacs_padded": analytic_macs(c, padded if c.is_drip else None) / 1e9,
             "peak_mem_mb": max(self.mem_mb),
@@ -390,17 +403,20 @@ def markdown_table(res: dict) -> str:
         f"mode={res['mode']} batch={res['batch']} repeats={res['repeats']} device={res['device']} "
         f"threads={res['threads']} dtype={res['dtype']} calibrated={res['calibrate']} clock={res['clock']}",
         "",
-        "| preset | tokens/img (target) | padded S | median s/step | images/s | speed ratio (min) | MAC ratio "
-        "(padded) | speed / MAC | GMACs/img | peak mem MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | tokens/img target | tokens/img mean (min-max) | padded S | median s/step | images/s | "
+        "speed ratio (min) | MAC ratio (padded) | speed / MAC | GMACs/img | peak mem MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["results"]:
         lines.append(
-            f"| {r['preset']} | {r['tokens_mean']:.1f} ({r['tokens_target']}) | {r['tokens_padded']:.0f} | "
+            f"| {r['preset']} | {r['tokens_target']} | {r['tokens_mean']:.1f} ({r['tokens_min']}-{r['tokens_max']}) | "
+            f"{r['tokens_padded']:.0f} | "
             f"{r['median_s']:.3f} | {r['images_per_s']:.1f} | {r['speed_ratio']:.2f} ({r['speed_ratio_min']:.2f}) | "
             f"{r['mac_ratio']:.2f} ({r['mac_ratio_padded']:.2f}) | "
             f"{r['speed_over_mac']:.2f} | {r['gmacs']:.2f} | {r['peak_mem_mb']:.0f} |")
-    lines.append(f"\nratios vs {res['results'][0]['preset']} (speed: median step time, in brackets: fastest step; "
+    lines.append(f"\ntokens/img: visual tokens per image in the tower's output (what an LLM fed with it gets), the "
+                 f"config's target and the realised count over the bench batch's images and timed steps; "
+                 f"ratios vs {res['results'][0]['preset']} (speed: median step time, in brackets: fastest step; "
                  f"MACs: at the mean tokens per image, in brackets: at the padded batch length); "
                  f"memory: {res['memory_method']}")
     if "goal_speed_over_mac" in res:
