@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: install demo test test-fast bench compare clean-demo
+.PHONY: install demo test test-fast bench bench-llava compare clean-demo
 
 install: $(STAMP)
 
@@ -34,9 +34,21 @@ test-fast: install
 	$(PY) -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
 
 bench: install
-	$(PY) -m drip_llava.vision.bench --presets vit-b-16,drip-b-16-4x,drip-b-16-10x --mode infer --batch 8
+	$(PY) -m drip_llava.vision.bench --presets vit-b-16,drip-b-16-4x,drip-b-16-10x,tome-b-16-r16,dynamicvit-b-16-rho0.5,avit-b-16 --mode infer --batch 8
 	$(PY) -m drip_llava.vision.bench --presets vit-b-16,drip-b-16-4x,drip-b-16-10x --mode train --batch 8
 	$(PY) -m drip_llava.vision.bench --llava-tower --repeats 2
+
+# What fewer visual tokens buy LLaVA (docs/results.md, "LLaVA payoff bench"): the embedded SmolLM2 with the tiny
+# towers, then a 2-layer Llama-7B-shaped LLM (random weights) with L/14-336 towers, extrapolated to 32 layers.
+bench-llava: install
+	LLM=$$($(PY) -c "from drip_demo.embedded_llm import prepare_embedded_llm; print(prepare_embedded_llm())") && \
+	$(PY) -m drip_llava.eval.payoff --llm $$LLM --towers vit-tiny-16,drip-tiny-16-2x,drip-tiny-16-4x,drip-tiny-16-10x \
+	    --max-images 3 --json playground/bench/payoff_smollm2.json --png playground/bench/payoff_smollm2.png
+	TOK=$$($(PY) -c "from drip_demo.embedded_llm import prepare_embedded_tokenizer; print(prepare_embedded_tokenizer())") && \
+	$(PY) -m drip_llava.eval.payoff --llm-shape llama-7b --llm-layers 2 --tokenizer $$TOK \
+	    --towers vit-l-14,drip-l-14-2x,drip-l-14-4x,drip-l-14-10x --tower-override image_size=336 \
+	    --max-images 2 --repeats 1 --train-steps 2 --extrapolate-layers 32 \
+	    --json playground/bench/payoff_llama7b.json --png playground/bench/payoff_llama7b.png
 
 # ViT, DRIP and the other token-reduction towers at matched compute, one table (playground/compare/COMPARE.md).
 compare: install
