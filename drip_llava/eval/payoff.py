@@ -21,7 +21,8 @@ DripVisionModel folders (used as trained). The first tower is the baseline of ev
               (one per image: the question and a fixed answer, template --conv-mode) for every tower, no
               gradient checkpointing. samples/s, LLM tokens/s (text + visual, as the trainer logs them) and peak
               memory. Each (tower, stage) runs in a fresh process: CUDA reports torch.cuda.max_memory_allocated,
-              CPU the process's max RSS (weights, activations, optimizer state, and Python + torch themselves).
+              CPU the peak RSS during the steps (Linux: VmHWM reset before the first step, so model building
+              does not count; weights, activations, optimizer state, Python + torch), else the max RSS.
   extrapolated  --extrapolate-layers N on a few-layer LLM (--llm-shape): MACs analytic at N layers; times scaled
               by layer count: the time inside the decoder layers (measured by module hooks, forward and
               backward) times N / layers, the rest (tower, embeddings, lm_head, optimizer) as measured. Peak
@@ -202,6 +203,7 @@ def train_throughput(job: dict) -> dict:
     clock = LayerClock(unwrap(model).model.layers, backward=True, sync=cuda)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
+    rss_reset = False if cuda else _reset_rss_peak()
     step_s, layer_s, tokens, visual, losses = [], [], 0, [], []
     for i, batch in enumerate(batches):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -221,6 +223,8 @@ def train_throughput(job: dict) -> dict:
     clock.remove()
     if cuda:
         peak, how = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    elif rss_reset:
+        peak, how = _rss_peak(), "peak RSS during the steps (VmHWM reset before them)"
     else:  # Linux reports kilobytes
         peak, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "max RSS of the process"
     total = sum(step_s)
@@ -232,6 +236,27 @@ def train_throughput(job: dict) -> dict:
     if before is not None:
         row["changed"] = sorted(n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach()))
     return row
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the process's peak RSS (Linux: "5" to /proc/self/clear_refs), so the peak is the training steps' and
+    not model building's (a random 7B-shaped build peaks well above its training steps). False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _rss_peak() is not None
+
+
+def _rss_peak() -> Optional[int]:
+    """VmHWM (peak resident set since the last reset) in bytes, or None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def run_fresh(job: dict) -> dict:
