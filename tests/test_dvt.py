@@ -120,6 +120,43 @@ def test_early_exit_images_skip_later_exits():
     assert counted * 6 == pytest.approx(sum(per_exit[k] for k in exits.tolist()), rel=1e-9)
 
 
+def test_output_layer_gives_each_images_exit_state_and_runs_deciding_exits_in_full():
+    m = _with_classifier(_model(**SMALL))
+    x = images(6)
+    _mixed(m, x)
+    blocks = [[0] * 3 for _ in range(3)]  # images through each (exit, block)
+    hooks = [b.attn.qkv.register_forward_hook(lambda mod, a, o, k=k, i=i: blocks[k].__setitem__(i, blocks[k][i] +
+                                                                                                    a[0].shape[0]))
+             for k, body in enumerate(m.exit_bodies) for i, b in enumerate(body.blocks)]
+    with torch.no_grad():
+        full = m(x, output_hidden_states=True)
+        exits = full.exit_index
+        reached = [int((exits >= k).sum()) for k in range(3)]
+        for idx in (0, 1, 3, -2):
+            for row in blocks:
+                row[:] = [0, 0, 0]
+            out = m.forward_features(x, output_layer=idx)
+            i = idx % 4
+            # exits 0 and 1 decide (every block, the images that reach them), the last exit stops after block i
+            assert blocks == [[reached[0]] * 3, [reached[1]] * 3, [reached[2]] * i + [0] * (3 - i)], idx
+            assert torch.equal(out.exit_index, exits) and out.exit_pooled is None and out.hidden_states is None
+            assert torch.equal(out.mask, full.hidden_masks[i][:, 1:]) and (out.patch_depth == i).all()
+            assert (out.features - full.hidden_states[i][:, 1:]).abs().max() <= 1e-5, idx
+            for j in (0, 3):  # an image alone gets the same state
+                alone = m.forward_features(x[j:j + 1], output_layer=idx)
+                n = int(alone.num_tokens)
+                assert (alone.features[0, :n] - out.features[j, :n]).abs().max() <= 1e-5
+    for h in hooks:
+        h.remove()
+    # no decision and nothing reused at hidden state 0 / without reuse: the exits before the last one are skipped
+    for kw, idx in (({}, 0), ({"feature_reuse": False, "relation_reuse": False}, 2)):
+        m2 = _model(**SMALL, exit_policy="fixed:2", **kw).eval()
+        with torch.no_grad():
+            out = m2.forward_features(x, output_layer=idx)
+            ref = m2(x, output_hidden_states=True).hidden_states[idx][:, 1:]
+        assert out.exit_ran.tolist() == [[False, False, True]] * 6 and torch.equal(out.features, ref), kw
+
+
 def test_fixed_policy_and_no_thresholds():
     m = _model(**SMALL).eval()  # dvt-tiny-16: fixed:1
     with torch.no_grad():

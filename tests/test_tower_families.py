@@ -109,10 +109,23 @@ def _stop_model(preset):
 
 
 def _count_blocks(m):
-    """(list the forward hooks fill with each block index run, handles); hooked on the attention, which ToMe
-    calls directly (it merges between a block's attention and MLP)."""
+    """(list the forward hooks fill with (body, block) of each block run, handles). Bodies: a cascade's exits
+    (DVT's `exit_bodies`), else the model. Hooked on the attention's qkv, which every path calls (ToMe merges
+    between a block's attention and MLP, DVT's relationship reuse reads the attention logits)."""
     ran = []
-    return ran, [b.attn.register_forward_hook(lambda mod, a, o, i=i: ran.append(i)) for i, b in enumerate(m.blocks)]
+    bodies = getattr(m, "exit_bodies", [m])
+    return ran, [b.attn.qkv.register_forward_hook(lambda mod, a, o, j=j, i=i: ran.append((j, i)))
+                 for j, body in enumerate(bodies) for i, b in enumerate(body.blocks)]
+
+
+def _blocks_to_run(m, out, idx):
+    """(body, block) pairs a forward stopped at hidden state idx may run: blocks 1..idx of the model, or for a
+    cascade (the output says which exits ran: `exit_ran`) every block of the exits before the last one run (they
+    decide or feed its reuse) and blocks 1..idx of that last one."""
+    if getattr(out, "exit_ran", None) is None:
+        return [(0, i) for i in range(idx)]
+    exits = out.exit_ran.any(0).nonzero().flatten().tolist()
+    return [(j, i) for j in exits[:-1] for i in range(m.config.depth)] + [(exits[-1], i) for i in range(idx)]
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -130,7 +143,9 @@ def test_output_layer_is_the_hidden_state_and_runs_no_later_block(preset, train)
             torch.manual_seed(5)
             out = m.forward_features(x, output_layer=k)
             idx = k % (depth + 1)
-            assert ran == list(range(idx)) and out.hidden_states is None, k
+            assert ran == _blocks_to_run(m, out, idx) and out.hidden_states is None, k
+            if getattr(out, "exit_index", None) is not None:  # a cascade: each image's state of the same exit
+                assert torch.equal(out.exit_index, full.exit_index), k
             ref, ref_mask = full.hidden_states[idx], full.hidden_masks[idx][:, n_cls:]
             assert torch.equal(out.mask, ref_mask) and torch.equal(out.num_tokens, ref_mask.sum(1)), k
             assert torch.allclose(out.features, ref[:, n_cls:], atol=1e-6, rtol=0), k
@@ -158,9 +173,10 @@ def test_llava_tower_stops_at_its_block_for_every_family(preset):
     feats, mask, rate = tower(x, return_rate_loss=True)
     for h in handles:
         h.remove()
-    assert ran == list(range(m.config.depth - 1))
     with torch.no_grad():
         full = m.forward_features(x, output_hidden_states=True)
+        # the exits a stopped forward runs (a cascade's), from the same stopped forward
+        assert ran == _blocks_to_run(m, m.forward_features(x, output_layer=tower.layer_index), m.config.depth - 1)
     n_cls, idx = int(m.config.class_token), tower.layer_index
     assert torch.equal(mask, full.hidden_masks[idx][:, n_cls:])
     assert torch.allclose(feats, full.hidden_states[idx][:, n_cls:], atol=1e-6, rtol=0)

@@ -26,6 +26,8 @@ exit); "fixed:k" stops every image at exit k. Later exits never run on a stopped
 its exit's tokens (g_k^2, padded to the batch's longest, `mask`) and does not depend on its batch-mates.
 `fit_exit_thresholds` fits thresholds for a MAC budget on a train split (the official procedure); `exit_predictions`
 gives each exit's confidence and prediction for anytime / budgeted top-1.
+`output_layer` = i (the LLaVA tower's block): each image's hidden state i of the exit it takes; the last reachable
+exit stops after block i, the exits before it run in full only when they decide or feed its reuse.
 """
 from __future__ import annotations
 
@@ -148,7 +150,9 @@ class DVTOutput(TowerOutput):
     exit_index: [B] long, the exit each image took (the last in training).
     exit_ran: [B,K] bool, the exits each image ran.
     exit_pooled: K x [B,E], each exit's embedding (zero rows where it did not run); a trainer sums their losses.
+        None with `output_layer`.
     exit_features: K x [B, g_k^2, D], each exit's patch tokens after its ln_post (zero rows where it did not run).
+        None with `output_layer`.
     exit_confidence: [B,K] float, the exit classifier's max softmax where a threshold decision was taken (0
         elsewhere), None when no decision was taken."""
 
@@ -354,25 +358,26 @@ class DVTVisionModel(FamilyVisionModel):
         fc1, act, fc2 = blk.mlp
         return x + fc2(act(fc1(blk.ln_2(x)) + ctx.to(x.dtype))), logits
 
-    def _run_exit(self, k: int, pixel_values: torch.Tensor, prev, want_logits: bool, output_hidden_states: bool):
-        """Exit k's transformer on its images; prev = (exit k-1's final tokens [b,T',D] before ln_post, its logits
-        [b,depth,H,T',T'] or None) for k > 0. Returns (tokens before ln_post, [b,depth,H,T,T] logits or None,
-        hidden states or None)."""
+    def _run_exit(self, k: int, pixel_values: torch.Tensor, prev, want_logits: bool, output_hidden_states: bool,
+                  stop: int):
+        """Exit k's transformer on its images, blocks 1..stop; prev = (exit k-1's final tokens [b,T',D] before
+        ln_post, its logits [b,depth,H,T',T'] or None) for k > 0, None when no block of exit k reads it. Returns
+        (tokens after block `stop`, [b,stop,H,T,T] logits or None, hidden states or None)."""
         c = self.config
         n_cls = int(c.class_token)
         body = self.exit_bodies[k]
         x = body.embed(pixel_values)  # [b, n_cls + g_k^2, D]
-        biases = None
-        if k > 0:
+        biases = tokens = None
+        if prev is not None:
             g_in, g_out = c.exit_grids[k - 1], c.exit_grids[k]
             tokens, prev_logits = prev
             if self.relation_reuse is not None:
                 biases = self.relation_reuse[k - 1](prev_logits, g_in, g_out, n_cls)
         hidden = [x] if output_hidden_states else None
         logits = []
-        for i, blk in enumerate(body.blocks):
+        for i, blk in enumerate(body.blocks[:stop]):
             ctx = None
-            if k > 0 and self.feature_reuse is not None:
+            if tokens is not None and self.feature_reuse is not None:
                 ctx = self.feature_reuse[k - 1][i](tokens, g_in, g_out, n_cls)
             bias = None if biases is None else biases[i]
             if self.gradient_checkpointing and self.training:
@@ -393,43 +398,58 @@ class DVTVisionModel(FamilyVisionModel):
         return DripVisionModel.forward_head(self.exit_bodies[k], o)
 
     def forward_features(self, pixel_values: torch.Tensor, boundaries: Optional[torch.Tensor] = None,
-                         output_hidden_states: bool = False) -> DVTOutput:
+                         output_hidden_states: bool = False, output_layer: Optional[int] = None) -> DVTOutput:
+        """`output_layer` = k (what the LLaVA tower reads): each image's hidden_states[k] of the exit it takes,
+        before ln_post. The last exit an image can reach runs blocks 1..k only; the exits before it run in full
+        when they decide (their confidence needs their embedding) or feed its reuse (k > 0), and are skipped
+        otherwise; `exit_pooled` / `exit_features` are then None (no exit's output is complete)."""
         self.check_no_boundaries(boundaries)
         c = self.config
         K, B = c.num_exits, pixel_values.shape[0]
         dev = pixel_values.device
+        stop = self.stop_index(output_layer)
+        stopped = output_layer is not None
         last = K - 1 if self.training else self._last_exit()
         decides = self._decides()
+        reuses = c.feature_reuse or c.relation_reuse
+        first = 0 if not stopped or decides or (stop > 0 and reuses) else last
         thresholds = c.exit_thresholds
         rows = torch.arange(B, device=dev)  # images still running, as batch indices
         exit_index = torch.full((B,), last, dtype=torch.long, device=dev)
         exit_ran = torch.zeros(B, K, dtype=torch.bool, device=dev)
         confidence = torch.zeros(B, K, device=dev) if decides and last > 0 else None
-        ran = []  # per exit: (rows, tokens after ln_post, pooled, hidden)
+        ran = {}  # per exit run: (rows, its output tokens, pooled or None, hidden or None)
         prev = None
-        for k in range(last + 1):
+        for k in range(first, last + 1):
+            n_blocks = stop if k == last else c.depth
+            keep = stopped and k < last  # a full run whose state after block `stop` may be an image's output
             x, logits, hidden = self._run_exit(k, pixel_values if len(rows) == B else pixel_values[rows], prev,
-                                               c.relation_reuse and k < last, output_hidden_states)
-            post = self.exit_bodies[k].ln_post(x)
-            pooled = self._head(k, post)
-            ran.append((rows, post, pooled, hidden))
+                                               c.relation_reuse and k < last, output_hidden_states or keep,
+                                               n_blocks)
             exit_ran[rows, k] = True
+            if stopped:
+                pooled = self._head(k, self.exit_bodies[k].ln_post(x)) if k < last else None
+                ran[k] = (rows, hidden[stop] if keep else x, pooled, None)
+            else:
+                post = self.exit_bodies[k].ln_post(x)
+                pooled = self._head(k, post)
+                ran[k] = (rows, post, pooled, hidden)
             if k == last:
                 break
             if decides:
                 conf = self.exit_logits(pooled, k).softmax(dim=-1).max(dim=-1).values  # [b]
                 confidence[rows, k] = conf
-                stop = conf >= thresholds[k]
-                exit_index[rows[stop]] = k
-                go = ~stop
+                stop_here = conf >= thresholds[k]
+                exit_index[rows[stop_here]] = k
+                go = ~stop_here
                 rows, x = rows[go], x[go]
                 logits = None if logits is None else logits[go]
                 if len(rows) == 0:
                     break
             prev = (x, logits)
-        return self._assemble(ran, exit_index, exit_ran, confidence, B)
+        return self._assemble(ran, exit_index, exit_ran, confidence, B, stop, stopped)
 
-    def _assemble(self, ran, exit_index, exit_ran, confidence, B: int) -> DVTOutput:
+    def _assemble(self, ran: dict, exit_index, exit_ran, confidence, B: int, stop: int, stopped: bool) -> DVTOutput:
         """Each image's exit's tokens (padded to the longest), and every exit's embedding and tokens."""
         c = self.config
         n_cls, L, dev = int(c.class_token), c.num_patches, exit_index.device
@@ -450,19 +470,20 @@ class DVTVisionModel(FamilyVisionModel):
                 hidden = ([_fill(r, p, B) for p in parts] if hidden is None
                           else [h.index_copy(0, r, p) for h, p in zip(hidden, parts)])
             patch_token[r] = exit_patch_token(c, k).to(dev)
-        E, D = c.embed_dim, c.hidden_size
-        exit_pooled = [_fill(rows, pooled, B) for rows, _, pooled, _ in ran]
-        exit_features = [_fill(rows, post[:, n_cls:], B) for rows, post, _, _ in ran]
-        for n in c.exit_tokens()[len(ran):]:  # exits no image reached
-            exit_pooled.append(features.new_zeros(B, E))
-            exit_features.append(features.new_zeros(B, n, D))
+        exit_pooled = exit_features = None
+        if not stopped:
+            E, D = c.embed_dim, c.hidden_size
+            exit_pooled = [_fill(ran[k][0], ran[k][2], B) if k in ran else features.new_zeros(B, E)
+                           for k in range(c.num_exits)]
+            exit_features = [_fill(ran[k][0], ran[k][1][:, n_cls:], B) if k in ran else features.new_zeros(B, n, D)
+                             for k, n in enumerate(c.exit_tokens())]
         return DVTOutput(
             features=features[:, n_cls:], mask=mask[:, n_cls:], num_tokens=mask[:, n_cls:].sum(1), boundaries=None,
             rate_loss=features.new_zeros((), dtype=torch.float32), pooled=None,
             cls_token=features[:, 0] if n_cls else None,
             hidden_states=tuple(hidden) if hidden is not None else None,
             hidden_masks=tuple(mask for _ in hidden) if hidden is not None else None,
-            patch_token=patch_token, patch_depth=torch.full_like(patch_token, c.depth),
+            patch_token=patch_token, patch_depth=torch.full_like(patch_token, stop),
             exit_index=exit_index, exit_ran=exit_ran, exit_pooled=exit_pooled, exit_features=exit_features,
             exit_confidence=confidence)
 
@@ -470,6 +491,13 @@ class DVTVisionModel(FamilyVisionModel):
         """[B,E]: each image's embedding from the exit it took."""
         return torch.stack(out.exit_pooled)[out.exit_index, torch.arange(len(out.exit_index),
                                                                          device=out.exit_index.device)]
+
+
+def task_embeddings(out) -> list:
+    """The embeddings a trainer puts its task loss on, summed (the paper's joint objective): every exit's
+    (`exit_pooled`) for a cascade's output, else [pooled] (any other tower family)."""
+    exits = getattr(out, "exit_pooled", None)
+    return list(exits) if exits is not None else [out.pooled]
 
 
 # ---- thresholds for a budget, anytime / budgeted accuracy -------------------------------------------------

@@ -24,7 +24,7 @@ from .config import DripVisionConfig, create_config, get_preset_config
 from .model import DripVisionModel, DripVisionOutput
 
 # modules that register a family when imported (registration is explicit; nothing is discovered by name)
-_FAMILY_MODULES = ("tome", "dynamicvit", "avit")
+_FAMILY_MODULES = ("tome", "dynamicvit", "avit", "dvt")
 _FAMILIES: dict[str, type] = {"drip": DripVisionModel}
 
 
