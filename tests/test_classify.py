@@ -126,3 +126,33 @@ def test_classnames_mapping(tmp_path):
     with pytest.raises(ValueError, match="no class name"):
         load_classnames(f, ["n03"])
     assert load_classnames(None, ["red_circle"]) == ["red circle"]
+
+
+def test_dvt_classify_sums_the_exits_ce_and_trains_every_exit(folders, tmp_path):
+    """No weight decay: the coarse exits move only through their own CE terms (one shared head); a DRIP tower's
+    logits are the one term of its loss."""
+    from drip_llava.vision import create_model
+    from drip_llava.vision.families import from_pretrained
+
+    dvt = dict(image_size=64, patch_size=8, hidden_size=64, depth=2, num_heads=2, embed_dim=32, exit_grids=[2, 4, 8])
+    argv = ["--mode", "scratch", "--model", "dvt-tiny-16", "--vision-override",
+            *[f"{k}={json.dumps(v)}" for k, v in dvt.items()], "--train-dir", str(folders / "train"),
+            "--batch-size", "8", "--steps", "2", "--wd", "0", "--log-every", "1", "--no-tqdm",
+            "--output", str(tmp_path / "run")]
+    classify.main(argv)
+    steps = [r for r in read_jsonl(tmp_path / "run" / "log.jsonl") if r["event"] == "step"]
+    assert len(steps) == 2
+    for r in steps:
+        per_exit = [r[f"ce_loss_exit{k}"] for k in range(3)]
+        assert all(v > 0 for v in per_exit) and r["ce_loss"] == pytest.approx(sum(per_exit), rel=1e-5)
+    torch.manual_seed(0)  # the trainer's seed: its initial tower
+    start = classify.build_tower(classify.parse_args(argv).model)
+    end = from_pretrained(tmp_path / "run" / "vision_tower")
+    for k, (a, b) in enumerate(zip(start.exit_bodies, end.exit_bodies)):
+        for name in ("patch_embed.weight", "blocks.0.attn.qkv.weight", "proj.weight"):
+            assert not torch.equal(a.get_parameter(name), b.get_parameter(name)), (k, name)
+    x = torch.randn(2, 3, 64, 64)
+    model = classify.Classifier(create_model("drip-tiny-16-4x", **MICRO), 4).eval()
+    with torch.no_grad():
+        (logits,), _ = model(x, every_exit=True)
+        assert torch.equal(logits, model(x)[0])

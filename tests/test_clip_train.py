@@ -278,3 +278,47 @@ def test_clip_finetune_from_hf_clip_folder_starts_both_towers_from_it(shapes, tm
         ref = hf.get_text_features(input_ids=tokens)
         torch.testing.assert_close(model.encode_text(tokens), getattr(ref, "pooler_output", ref), atol=1e-5, rtol=1e-5)
     assert model.logit_scale.item() == pytest.approx(hf.logit_scale.item())
+
+
+# a micro DVT cascade: exits on 2x2 / 4x4 / 8x8 grids of a 64 px image, 2 blocks of width 64
+DVT_OVERRIDES = dict(image_size=64, patch_size=8, hidden_size=64, depth=2, num_heads=2, embed_dim=32,
+                     exit_grids=[2, 4, 8])
+
+
+def _exit_params(tower) -> dict:
+    """Per exit, a few parameters only that exit's loss reaches directly (patch embedding, a block, projection)."""
+    return {k: [body.patch_embed.weight, body.blocks[0].attn.qkv.weight, body.proj.weight]
+            for k, body in enumerate(tower.exit_bodies)}
+
+
+def test_dvt_clip_sums_the_exits_losses_and_trains_every_exit(shapes, tmp_path):
+    """No weight decay: a parameter moves only if its loss has a gradient, so the coarse exits move only through
+    their own ClipLoss terms (with the last exit's loss alone, their heads get none)."""
+    from drip_llava.vision import create_model
+
+    overrides = [f"{k}={json.dumps(v)}" for k, v in DVT_OVERRIDES.items()]
+    run = tmp_path / "dvt"
+    clip.main(["--train-data", str(shapes / "train-{000000..000003}.tar"), "--model", "dvt-tiny-16",
+               "--vision-override", *overrides, "--text-model", "micro", "--batch-size", "8", "--lr", "1e-3",
+               "--wd", "0", "--output", str(run), "--samples-per-epoch", "32", "--shuffle-buffer", "8",
+               "--log-every", "1", "--no-tqdm", "--steps", "2"])
+    steps = [r for r in read_jsonl(run / "log.jsonl") if r["event"] == "step"]
+    assert len(steps) == 2
+    for r in steps:
+        per_exit = [r[f"clip_loss_exit{k}"] for k in range(3)]
+        assert all(v > 0 for v in per_exit) and r["clip_loss"] == pytest.approx(sum(per_exit), rel=1e-5)
+    torch.manual_seed(0)  # the trainer's seed: its initial tower
+    start = clip.build_vision("dvt-tiny-16", None, DVT_OVERRIDES)
+    from drip_llava.vision.families import from_pretrained
+
+    end = from_pretrained(run / "vision_tower")
+    for k, (before, after) in enumerate(zip(_exit_params(start).values(), _exit_params(end).values())):
+        assert all(not torch.equal(a, b) for a, b in zip(before, after)), k
+    # DRIP's forward carries no exit embeddings: its loss stays one ClipLoss of `image_features`
+    model = DripCLIP(create_model("drip-tiny-16-4x", **MICRO_OVERRIDES), get_text_config("micro")).train()
+    out = model(torch.randn(2, 3, 64, 64), torch.randint(1, 100, (2, 32)))
+    assert "exit_image_features" not in out
+    cascade = DripCLIP(create_model("dvt-tiny-16", **DVT_OVERRIDES), get_text_config("micro")).train()
+    out = cascade(torch.randn(2, 3, 64, 64), torch.randint(1, 100, (2, 32)))
+    assert out["exit_image_features"].shape == (3, 2, 32)
+    assert torch.allclose(out["exit_image_features"][-1], out["image_features"])

@@ -6,8 +6,9 @@
   python -m vision_pretrain.classify --mode finetune --init open_clip:ViT-B-32:laion2b_s34b_b79k \\
       --model drip-b-32-4x ...
 
-The head is one nn.Linear on the tower's pooled embedding (out.pooled). linear-probe freezes the tower and
-keeps it in eval mode (deterministic boundaries); finetune/scratch train everything and add the weighted
+The head is one nn.Linear on the tower's pooled embedding (out.pooled); a DVT cascade trains it on every exit's
+embedding and sums the exits' CE losses (the paper's joint training; ce_loss_exitK logged). linear-probe freezes
+the tower and keeps it in eval mode (deterministic boundaries); finetune/scratch train everything and add the weighted
 rate loss. Same logging, checkpoints, resume and DDP as the CLIP trainer. Outputs in RUN/: log.jsonl,
 checkpoints/, vision_tower/ (DripVisionModel folder), classifier/ (head.safetensors + classes.json).
 
@@ -34,6 +35,7 @@ from torch import nn
 from drip_llava.distributed import DistInfo, cleanup, exit_after_main
 from drip_llava.vision import DripVisionModel
 from drip_llava.vision.config import parse_overrides
+from drip_llava.vision.dvt import task_embeddings
 from drip_llava.vision.dynamicvit import distillation_loss, unpruned_teacher
 from drip_llava.vision.spec import load_drip_model
 
@@ -69,9 +71,13 @@ class Classifier(nn.Module):
             self.tower.eval()
         return self
 
-    def forward(self, images: torch.Tensor):
+    def forward(self, images: torch.Tensor, every_exit: bool = False):
+        """(logits [B,C] of the tower's embedding, tower output); with `every_exit` the logits are a list, one
+        [B,C] per embedding the task loss sums over (a cascade's exits, the last = the tower's; else one)."""
         with torch.set_grad_enabled(self.train_tower and torch.is_grad_enabled()):
             out = self.tower(images)
+        if every_exit:
+            return [self.head(z.float()) for z in task_embeddings(out)], out
         return self.head(out.pooled.float()), out
 
 
@@ -179,12 +185,16 @@ def main(argv=None) -> dict:
             raise RuntimeError(f"a whole training batch of {d.train_dir} was unreadable")
         labels = batch["labels"].to(info.device)
         images = batch["images"].to(info.device, non_blocking=True)
-        logits, out = ddp_model(images)
-        ce = F.cross_entropy(logits.float(), labels, label_smoothing=m.label_smoothing)
+        exit_logits, out = ddp_model(images, every_exit=True)
+        logits = exit_logits[-1]
+        per_exit = [F.cross_entropy(z.float(), labels, label_smoothing=m.label_smoothing) for z in exit_logits]
+        ce = sum(per_exit)
         total = ce + rate_w * out.rate_loss if rate_w else ce
         stats = {"ce_loss": ce.detach(), "rate_loss": out.rate_loss.detach(),
                  "tokens_per_img": out.num_tokens.float().mean(),
                  "train_acc": (logits.argmax(-1) == labels).float().mean()}
+        if len(per_exit) > 1:
+            stats.update({f"ce_loss_exit{k}": v.detach() for k, v in enumerate(per_exit)})
         if out.boundaries is not None:  # DRIP; the other families decide tokens without boundaries
             stats["boundary_rate"] = out.boundaries.detach().float().mean()
         if teacher is not None:

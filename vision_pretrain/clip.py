@@ -10,6 +10,7 @@ From a pretrained CLIP, both towers start from its weights (--init-text auto) an
 
 Loss = open_clip ClipLoss (embeddings gathered across ranks: pooled, fixed-shape, never segment tokens)
      + w * DRIP rate loss (w = --rate-loss-weight, default the model config's rate_loss_weight).
+A DVT cascade sums ClipLoss over its exits' embeddings (the paper's joint training; clip_loss_exitK logged).
 An epoch is --samples-per-epoch // (batch x world) steps of a deterministic shard stream (see data.py for
 what "exact resume" means for webdataset). Outputs in RUN/: log.jsonl, args.json, checkpoints/step_*/,
 vision_tower/ (DripVisionModel folder: what LLaVA and classify load), text_tower/ (for zero-shot).
@@ -117,11 +118,16 @@ def main(argv=None) -> dict:
 
     def loss(ddp_model, batch):
         out = ddp_model(batch["images"].to(info.device, non_blocking=True), batch["texts"].to(info.device))
-        c = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+        per_exit = [clip_loss(f, out["text_features"], out["logit_scale"])
+                    for f in out.get("exit_image_features", out["image_features"][None])]
+        c = sum(per_exit)
         total = c + rate_w * out["rate_loss"]
-        return total, {"clip_loss": c.detach(), "rate_loss": out["rate_loss"].detach(),
-                       "boundary_rate": out["boundary_rate"], "tokens_per_img": out["num_tokens"].float().mean(),
-                       "rank_max_tokens": out["num_tokens"].max().float(), "logit_scale": out["logit_scale"].detach()}
+        stats = {"clip_loss": c.detach(), "rate_loss": out["rate_loss"].detach(),
+                 "boundary_rate": out["boundary_rate"], "tokens_per_img": out["num_tokens"].float().mean(),
+                 "rank_max_tokens": out["num_tokens"].max().float(), "logit_scale": out["logit_scale"].detach()}
+        if len(per_exit) > 1:
+            stats.update({f"clip_loss_exit{k}": v.detach() for k, v in enumerate(per_exit)})
+        return total, stats
 
     def evaluate(epoch: int) -> dict:
         res = {"target_rate": visual.config.target_rate if visual.config.is_drip else 1.0}

@@ -25,6 +25,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from drip_llava.vision import DripVisionModel
+from drip_llava.vision.dvt import task_embeddings
+from drip_llava.vision.families import from_pretrained as load_tower
 
 TEXT_CONFIGS = Path(__file__).with_name("text_configs.json")
 
@@ -168,9 +170,12 @@ class DripCLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> dict:
-        """Fixed-shape outputs only ([B,E] embeddings, scalars, [B] counts), so DDP can gather them."""
+        """Fixed-shape outputs only ([B,E] embeddings, scalars, [B] counts), so DDP can gather them. A cascade
+        (DVT) adds `exit_image_features` [K,B,E], every exit's normalised embedding (K fixed by the config), for the
+        sum of the exits' losses; `image_features` is then the last exit's."""
         out = self.visual(images)
-        return {
+        exits = task_embeddings(out)
+        res = {
             "image_features": F.normalize(out.pooled.float(), dim=-1),
             "text_features": F.normalize(self.text(text).float(), dim=-1),
             "logit_scale": self.logit_scale.exp(),
@@ -180,6 +185,9 @@ class DripCLIP(nn.Module):
                               else out.num_tokens.detach().float().mean() / self.visual.config.num_patches),
             "num_tokens": out.num_tokens,
         }
+        if len(exits) > 1:
+            res["exit_image_features"] = F.normalize(torch.stack(exits).float(), dim=-1)
+        return res
 
     def load_text_init(self, init: TextInit) -> None:
         """Pretrained text weights and logit scale (strict: every TextTransformer key, nothing else)."""
@@ -200,7 +208,7 @@ class DripCLIP(nn.Module):
     @classmethod
     def from_towers(cls, vision_dir: str | Path, text_dir: str | Path) -> "DripCLIP":
         """Rebuilds the CLIP model from exported towers (zero-shot evaluation of a finished run)."""
-        visual = DripVisionModel.from_pretrained(str(vision_dir))
+        visual = load_tower(vision_dir)  # the class of the folder's family (DRIP, ToMe, DVT, ...)
         text_dir = Path(text_dir)
         cfg_file = text_dir / "config.json"
         if not cfg_file.is_file():
