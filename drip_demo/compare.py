@@ -1,20 +1,24 @@
 """Token-reduction towers side by side at matched compute on the shapes world: one table (issue #20).
 
     python -m drip_demo.compare [--quick] [--fresh] [--out playground/compare] [--match 4x[,10x]] [--stages ...]
+                                [--methods vit,dvt@4x,...] [--no-llava]
 
 Every method gets the same data, seed, schedule and step count (the demo's CLIP stage, torchrun x2, one method
 after the other). ViT, DRIP-4x and DRIP-10x are presets; ToMe's merge_r, DynamicViT's keep_rate (rho) and
 A-ViT's target_depth are chosen so their analytic GMACs per image (drip_llava.vision.flops) match DRIP-4x's
 (and DRIP-10x's with --match 4x,10x) within MATCH_TOLERANCE; the matching is printed and kept in compare.json.
+DVT (full plan) trains as a cascade (every exit, the CLIP stage), then its exit thresholds are fitted on the train
+split so its mean MACs per image stay within DRIP-4x's analytic GMACs (stage exits-dvt@4x); the tower folder keeps
+them, so the tower, speed and LLaVA stages run its budgeted early exit (a different token count per image).
 
-Stages (each skipped on a rerun when done, like the demo's): data -> llm (the embedded SmolLM2, converted once)
--> clip-METHOD for each method -> probe (drip_demo.attribute_probe: linear probe on the mean-pooled LLaVA tokens,
-colour and shape of the largest object) -> towers (on val images: tokens out of the tower and tokens LLaVA reads,
-GMACs at the realised tokens, the auxiliary-loss target reached) -> speed (drip_llava.vision.bench's Runner on the
-trained towers, interleaved, one real val batch: inference and a training step) -> stage1-/stage2-/eval-METHOD
-(the demo's LLaVA stages with the same LLM and data; likelihood multiple choice with the image vs a blank one,
-exact McNemar) -> prefill (the LLM's prefill time at each method's visual token count) -> report (OUT/COMPARE.md,
-OUT/compare.json, OUT/compare.png).
+Stages (each skipped on a rerun when done, like the demo's): data -> llm (the embedded SmolLM2, converted once) ->
+clip-METHOD for each method (DVT: then exits-METHOD) -> probe (drip_demo.attribute_probe: linear probe on the
+mean-pooled LLaVA tokens, colour and shape of the largest object) -> towers (on val images: tokens out of the tower
+and tokens LLaVA reads, GMACs at the realised tokens, the auxiliary-loss target reached) -> speed
+(drip_llava.vision.bench's Runner on the trained towers, interleaved, one real val batch: inference and a training
+step) -> stage1-/stage2-/eval-METHOD (the demo's LLaVA stages with the same LLM and data; likelihood multiple choice
+with the image vs a blank one, exact McNemar) -> prefill (the LLM's prefill time at each method's visual token
+count) -> report (OUT/COMPARE.md, OUT/compare.json, OUT/compare.png).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ KNOBS = {
     "avit": ("target_depth", tuple(round(1 + 0.05 * i, 2) for i in range(101))),  # 1..6 blocks
 }
 FAMILIES = ("tome", "dynamicvit", "avit")
+DVT_PRESET = "dvt-tiny-16"  # ViT-tiny's body as the last exit, exits on 2x2 / 4x4 / 8x8 grids (4 / 16 / 64 tokens)
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Plan:
     families: tuple = FAMILIES  # matched-compute methods, in table order
     match: tuple = ("4x",)  # DRIP references the families are matched to
     drip: tuple = ("4x", "10x")  # DRIP presets trained besides the ViT
+    dvt: tuple = ("4x",)  # DRIP references whose GMACs a DVT cascade's exit thresholds are fitted to
     tower_images: int = 400  # val images for token counts, realised GMACs and auxiliary targets
     bench_batch: int = 16
     bench_repeats: int = 5
@@ -67,7 +73,8 @@ FULL = Plan(demo=Budget(n_train=8000, n_val=800, clip_steps=130, clip_batch=32, 
 QUICK = Plan(demo=Budget(n_train=1200, n_val=200, clip_steps=12, clip_batch=16, clip_lr=5e-4, stage1_steps=3,
                          stage2_steps=3, llava_batch=2, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=8, n_eval=12,
                          n_letter=0, n_exact=0, probe_images=(200, 100), n_image_use=0),
-             families=("tome",), drip=("4x",), tower_images=48, bench_batch=8, bench_repeats=2, prefill_repeats=2)
+             families=("tome",), drip=("4x",), dvt=(), tower_images=48, bench_batch=8, bench_repeats=2,
+             prefill_repeats=2)
 
 
 @dataclass
@@ -78,6 +85,7 @@ class Method:
     preset: str
     overrides: tuple = ()
     match: dict = field(default_factory=dict)  # for matched methods: reference, knob, value, GMACs, error
+    budgeted: bool = False  # a DVT cascade: exit thresholds fitted to match["target_gmacs"] after CLIP training
 
 
 # ---- matched compute ---------------------------------------------------------------------------------------
@@ -111,20 +119,87 @@ def plan_methods(plan: Plan) -> list[Method]:
                                  f"{MATCH_TOLERANCE:.0%} (best {m['knob']}={m['value']}: {m['gmacs']:.4f})")
             methods.append(Method(f"{fam}@{ref}", BASE, (f"family={fam}", f"{m['knob']}={m['value']}"),
                                   {"reference": f"drip-{ref}", **m}))
+        if ref in plan.dvt:
+            methods.append(Method(f"dvt@{ref}", DVT_PRESET, (), {"reference": f"drip-{ref}", "knob": "exit_thresholds",
+                                                                 "value": "fitted", "target_gmacs": target},
+                                  budgeted=True))
     return methods
 
 
-def matching_lines(methods: list[Method]) -> list[str]:
+def all_methods(plan: Plan) -> list[Method]:
+    """Every method a plan's budget can run: each family, each DRIP preset and DVT at the plan's references
+    (what --methods picks from)."""
+    return plan_methods(Plan(**{**asdict(plan), "demo": plan.demo, "families": FAMILIES,
+                                "drip": tuple(DRIP_REFERENCES), "dvt": plan.match}))
+
+
+def matching_lines(methods: list[Method], exits: dict | None = None) -> list[str]:
+    """The matched-compute table; DVT's row gives its fitted mean GMACs on the train split once `exits` (the
+    exits-METHOD stages' results) has it."""
     rows = ["| method | setting | analytic GMACs / image | reference | reference GMACs | difference |",
             "|---|---|---|---|---|---|"]
     for m in methods:
-        if m.match:
+        if m.budgeted:
+            x, fit = m.match, (exits or {}).get(m.name)
+            t = x["target_gmacs"]
+            g = fit["train"]["mean_macs"] / 1e9 if fit else None
+            shown, diff = ("(fitted after CLIP)", "-") if g is None else (f"{g:.4f} (mean on train)",
+                                                                         f"{100 * (g / t - 1):+.1f}%")
+            rows.append(f"| {m.name} | exit thresholds fitted on the train split to <= the reference | {shown} | "
+                        f"{x['reference']} | {t:.4f} | {diff} |")
+        elif m.match:
             x = m.match
             rows.append(f"| {m.name} | {x['knob']}={x['value']} | {x['gmacs']:.4f} | {x['reference']} | "
                         f"{x['target_gmacs']:.4f} | {100 * (x['gmacs'] / x['target_gmacs'] - 1):+.1f}% |")
         else:
             rows.append(f"| {m.name} | preset {m.preset} | {gmacs_of(m.preset):.4f} | - | - | - |")
     return rows
+
+
+# ---- DVT: exit thresholds for the budget -------------------------------------------------------------------
+def fit_dvt_exits(run: Path, data: Path, budget_gmacs: float, batch: int = 64) -> dict:
+    """Budgeted early exit for the CLIP-trained DVT cascade in `run` (vision_tower/ + text_tower/): the exit
+    classifier is the zero-shot eval's class prototypes (open_clip.build_zero_shot_classifier over the shapes
+    world's class names, CLIP's logit scale, normalised embeddings), thresholds are fitted on every train image's
+    per-exit confidence so the mean MACs per image (exit classifier included) stay <= budget_gmacs
+    (dvt.fit_exit_thresholds), and vision_tower/ is saved with policy "threshold" and them. Returns the
+    thresholds, the per-exit MACs, the train split's fitted exit mix and mean MACs, the val split's anytime top-1
+    per exit and budgeted top-1 / mix, and the zero-shot eval of the budgeted tower (val)."""
+    import open_clip
+    import torch
+
+    from drip_llava.vision import dvt, flops
+    from vision_pretrain.clip_model import DripCLIP, build_tokenizer
+    from vision_pretrain.data import ImageFolderData, folder_eval_loader, load_classnames
+    from vision_pretrain.zeroshot import evaluate, pick_templates
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = DripCLIP.from_towers(run / "vision_tower", run / "text_tower").to(dev).eval()
+    tower, tokenizer = model.visual, build_tokenizer(model.text_cfg)
+    names = data / "classnames.json"
+    splits = {s: ImageFolderData(data / "imagefolder" / s, tower.preprocess) for s in ("train", "val")}
+    classnames = load_classnames(names, splits["train"].classes)
+    with torch.no_grad():
+        weights = open_clip.build_zero_shot_classifier(model, tokenizer, classnames, pick_templates("auto", classnames),
+                                                       num_classes_per_batch=10, device=dev)  # [E,C]
+    tower.set_exit_classifier(weights.T, logit_scale=float(model.logit_scale.detach().exp()), normalize=True)
+
+    def batches(ds):
+        loader = folder_eval_loader(ds, batch, rank=0, world_size=1, workers=0)
+        return ((b["images"], b["labels"]) for b in loader if b["images"] is not None)
+
+    preds = {s: dvt.exit_predictions(tower, batches(ds)) for s, ds in splits.items()}
+    macs = flops.dvt_cumulative_macs(tower.config, num_classes=len(classnames))
+    thresholds = dvt.fit_exit_thresholds(preds["train"].confidence, macs, budget_gmacs * 1e9)
+    tower.config.exit_policy, tower.config.exit_thresholds = "threshold", thresholds
+    tower.save_pretrained(run / "vision_tower")
+    zeroshot = evaluate(model, tokenizer, str(data / "imagefolder" / "val"), str(names), batch_size=batch)
+    return {"budget_gmacs": budget_gmacs, "thresholds": thresholds, "exit_macs": macs,
+            "exit_tokens": tower.config.exit_tokens(), "num_classes": len(classnames),
+            "train": {"images": len(preds["train"].labels), **preds["train"].budgeted(thresholds, macs)},
+            "val": {"images": len(preds["val"].labels), "anytime_top1": preds["val"].anytime_top1(),
+                    **preds["val"].budgeted(thresholds, macs)},
+            "zeroshot": zeroshot}
 
 
 # ---- trained towers on val images --------------------------------------------------------------------------
@@ -141,24 +216,27 @@ def _spread(values: list[float]) -> dict:
             "max": max(values)}
 
 
-def tower_stats(folder: Path, images: list[Path], batch: int = 50, seed: int = 0) -> dict:
+def tower_stats(folder: Path, images: list[Path], batch: int = 50, seed: int = 0,
+                budget_gmacs: float | None = None) -> dict:
     """On val images, eval mode: tokens out of the tower, GMACs at the realised tokens (DRIP: each image's
-    segments; A-ViT: each image's running tokens per block; others are fixed by the config), tokens the LLaVA tower
-    (select layer -2) passes to the LLM, and the auxiliary-loss target reached: DRIP eval boundary rate vs target
-    rate, DynamicViT training-mode keep ratio of the last stage vs rho^s, A-ViT mean halting depth vs target depth,
-    ToMe none."""
+    segments; A-ViT: each image's running tokens per block; DVT: the cumulative MACs of each image's exit, exit
+    classifier included; others are fixed by the config), tokens the LLaVA tower (select layer -2) passes to the
+    LLM, and the auxiliary-loss target reached: DRIP eval boundary rate vs target rate, DynamicViT training-mode
+    keep ratio of the last stage vs rho^s, A-ViT mean halting depth vs target depth, DVT realised mean GMACs vs
+    `budget_gmacs` (plus its exit mix), ToMe none."""
     import torch
     from PIL import Image
 
     from drip_llava.model.vision_tower import build_vision_tower
     from drip_llava.vision.families import from_pretrained
-    from drip_llava.vision.flops import analytic_macs, avit_macs
+    from drip_llava.vision.flops import analytic_macs, avit_macs, dvt_cumulative_macs
 
     torch.manual_seed(seed)  # DynamicViT's training-mode keep decisions are Gumbel samples
     model = from_pretrained(folder).eval()
     llava = build_vision_tower(str(folder), select_layer=-2).eval()
     c = model.config
-    tokens, llava_tokens, macs, aux = [], [], [], []
+    tokens, llava_tokens, macs, aux, exits = [], [], [], [], []
+    exit_macs = dvt_cumulative_macs(c, num_classes=c.exit_num_classes) if c.family == "dvt" else None
     with torch.no_grad():
         for start in range(0, len(images), batch):
             pil = [Image.open(p).convert("RGB") for p in images[start:start + batch]]
@@ -171,6 +249,9 @@ def tower_stats(folder: Path, images: list[Path], batch: int = 50, seed: int = 0
                     parts = avit_macs(c, [int((d > i).sum()) for i in range(c.depth)])
                     macs.append(sum(v for k, v in parts.items() if not k.startswith("tokens")))
                 aux += out.token_depth.float().mean(1).tolist()
+            elif c.family == "dvt":
+                exits += out.exit_index.tolist()
+                macs += [exit_macs[k] for k in out.exit_index.tolist()]
             elif c.family == "drip":
                 macs += [analytic_macs(c, k if c.is_drip else None) for k in n]
                 aux += [k / c.num_patches for k in n]
@@ -189,7 +270,13 @@ def tower_stats(folder: Path, images: list[Path], batch: int = 50, seed: int = 0
               "dynamicvit": getattr(c, "keep_rate", 1.0) ** len(getattr(c, "prune_locations", ()))}.get(c.family)
     what = {"drip": "eval boundary rate", "avit": "mean halting depth (eval)",
             "dynamicvit": "keep ratio, last stage (training mode)"}.get(c.family)
-    return {"family": c.family, "images": len(images), "tokens": _spread(tokens), "llava_tokens": _spread(llava_tokens),
+    if c.family == "dvt":
+        what, target = "realised GMACs vs budget", budget_gmacs
+        aux = [statistics.fmean(macs) / 1e9]
+    extra = ({"exit_fractions": [exits.count(k) / len(exits) for k in range(c.num_exits)]}
+             if c.family == "dvt" else {})
+    return {**extra, "family": c.family, "images": len(images), "tokens": _spread(tokens),
+            "llava_tokens": _spread(llava_tokens),
             "gmacs_analytic": analytic_macs(c) / 1e9, "gmacs_realised": statistics.fmean(macs) / 1e9,
             "aux": ({"what": what, "reached": statistics.fmean(aux), "target": target}
                     if what and target is not None else None)}
@@ -278,12 +365,16 @@ def table_rows(r: dict, methods: list[Method]) -> list[dict]:
     for m in methods:
         clip, tw, probe = r["clip"][m.name], r["towers"][m.name], r["probe"][m.name]
         inf, tr = r["speed"]["infer"][m.name], r["speed"]["train"][m.name]
+        fit = r.get("exits", {}).get(m.name)
+        zs = fit["zeroshot"] if fit else clip  # DVT: the budgeted tower's (the CLIP stage evaluated its preset exit)
         rows.append({
-            "method": m.name, "setting": " ".join(m.overrides) or f"preset {m.preset}",
-            "gmacs": tw["gmacs_analytic"], "gmacs_realised": tw["gmacs_realised"],
+            "method": m.name, "setting": (f"preset {m.preset}, exit thresholds {_fmt_list(fit['thresholds'], 3)}"
+                                          if fit else " ".join(m.overrides) or f"preset {m.preset}"),
+            "gmacs": fit["train"]["mean_macs"] / 1e9 if fit else tw["gmacs_analytic"],
+            "gmacs_realised": tw["gmacs_realised"], "exit_fractions": tw.get("exit_fractions"),
             "match_rel_err": m.match.get("rel_err"), "reference": m.match.get("reference"),
             "tokens": tw["tokens"], "llava_tokens": tw["llava_tokens"],
-            "zeroshot_top1": _pct(clip["zeroshot_top1"]), "zeroshot_top5": _pct(clip["zeroshot_top5"]),
+            "zeroshot_top1": _pct(zs["zeroshot_top1"]), "zeroshot_top5": _pct(zs["zeroshot_top5"]),
             "probe_colour": probe["colour"]["mean"], "probe_shape": probe["shape"]["mean"],
             "probe_chance": {a: probe[a]["chance"] for a in ("colour", "shape")},
             "infer_images_per_s": inf["images_per_s"], "infer_speed_ratio": inf["speed_ratio"],
@@ -322,6 +413,36 @@ def _f(x, nd=1):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def _fmt_list(xs, nd=1, scale=1.0) -> str:
+    return "[" + ", ".join(f"{scale * x:.{nd}f}" for x in xs) + "]"
+
+
+def dvt_notes(r: dict, methods: list[Method]) -> list[str]:
+    """COMPARE.md lines on each budgeted DVT: thresholds, exit mix and GMACs (train fit, val), anytime top-1."""
+    from drip_llava.vision.config import get_preset_config
+
+    L = []
+    for m in methods:
+        fit = r.get("exits", {}).get(m.name)
+        if not fit:
+            continue
+        tr, va, tw = fit["train"], fit["val"], r["towers"][m.name]
+        L += [f"**{m.name}** (`{m.preset}`, exits of {_fmt_list(fit['exit_tokens'], 0)} tokens, "
+              f"{_fmt_list(fit['exit_macs'], 4, 1e-9)} cumulative GMACs with the {fit['num_classes']}-class exit "
+              f"classifier): the exit classifier is the zero-shot eval's class prototypes (CLIP logit scale); "
+              f"thresholds {_fmt_list(fit['thresholds'], 3)} fitted on {tr['images']} train images to a budget of "
+              f"{fit['budget_gmacs']:.4f} GMACs ({m.match['reference']}'s analytic figure): exit mix "
+              f"{_fmt_list(tr['exit_fractions'], 0, 100)} %, mean {tr['mean_macs'] / 1e9:.4f} GMACs on train; on "
+              f"{va['images']} val images {_fmt_list(va['exit_fractions'], 0, 100)} %, "
+              f"{va['mean_macs'] / 1e9:.4f} GMACs, budgeted zero-shot top-1 {100 * va['top1']:.1f}% "
+              f"(tower table, {tw['images']} val images: exit mix {_fmt_list(tw['exit_fractions'], 0, 100)} %, "
+              f"{tw['gmacs_realised']:.4f} GMACs). Anytime zero-shot top-1 per exit (every val image through every "
+              f"exit): {_fmt_list(va['anytime_top1'], 1, 100)} %. The CLIP stage's own eval (preset policy "
+              f"{get_preset_config(m.preset).exit_policy}) gave "
+              f"{_pct(r['clip'][m.name]['zeroshot_top1']):.1f}% top-1.", ""]
+    return L
+
+
 def markdown(r: dict, methods: list[Method], rows: list[dict], llava_rows: list[dict], quick: bool) -> list[str]:
     plan, secs = r["plan"], r.get("seconds", {})
     b = plan["demo"]
@@ -333,7 +454,7 @@ def markdown(r: dict, methods: list[Method], rows: list[dict], llava_rows: list[
          "the demo's stage).", "", "## Matched compute", "",
          f"Each family's knob is set so its analytic GMACs per image (`drip_llava.vision.flops`, at the config's "
          f"token counts) are the closest to the DRIP reference's; tolerance {MATCH_TOLERANCE:.0%}.", "",
-         *matching_lines(methods), "", "## 1. Towers", "",
+         *matching_lines(methods, r.get("exits")), "", "## 1. Towers", "",
          f"Zero-shot: CLIP top-1 / top-5 over the {b['n_val']} val images (40 classes, chance 2.5%). Linear probe: "
          "`drip_demo.attribute_probe`'s linear probe on the mean-pooled LLaVA tokens (block -2), colour and shape "
          f"of the largest object, {b['probe_images'][0]} train / {b['probe_images'][1]} val images (majority class "
@@ -354,8 +475,9 @@ def markdown(r: dict, methods: list[Method], rows: list[dict], llava_rows: list[
                  f"{x['probe_shape']} ({ch['shape']}) | "
                  f"{x['infer_images_per_s']:.0f} ({x['infer_speed_ratio']:.2f}x) | "
                  f"{x['train_images_per_s']:.0f} ({x['train_speed_ratio']:.2f}x) | "
-                 + (f"{aux['what']}: {aux['reached']:.3f} / {aux['target']:.3f} |" if aux else "none |"))
-    L += ["", "![accuracy vs compute and speed](compare.png)", ""]
+                 + (f"{aux['what']}: {aux['reached']:.3f} / {aux['target']:.3f}" if aux else "none")
+                 + (f", exit mix {_fmt_list(x['exit_fractions'], 0, 100)} % |" if x["exit_fractions"] else " |"))
+    L += ["", "![accuracy vs compute and speed](compare.png)", "", *dvt_notes(r, methods)]
     if llava_rows:
         L += ["## 2. Each tower in LLaVA (SmolLM2-135M-Instruct)", "",
               f"The demo's stages with each tower: stage 1 {b['stage1_steps']} steps (projector), stage 2 "
@@ -404,11 +526,11 @@ def plot(rows: list[dict], path: Path):
 
 # ---- the run --------------------------------------------------------------------------------------------------
 class Compare:
-    def __init__(self, out: Path, plan: Plan, quick: bool):
+    def __init__(self, out: Path, plan: Plan, quick: bool, methods: list[Method] | None = None):
         self.out, self.plan, self.quick = out, plan, quick
         self.demo = Demo(out, plan.demo, quick)  # its stage / run / save machinery and results.json
         self.r = self.demo.results
-        self.methods = plan_methods(plan)
+        self.methods = plan_methods(plan) if methods is None else methods
 
     def tower(self, m: Method) -> Path:
         return self.out / "clip" / m.name / "vision_tower"
@@ -416,12 +538,18 @@ class Compare:
     def clip(self, m: Method):
         self.r.setdefault("clip", {})[m.name] = self.demo.train_clip(m.name, m.preset, m.overrides)
 
+    def exits(self, m: Method):
+        self.r.setdefault("exits", {})[m.name] = fit_dvt_exits(self.out / "clip" / m.name, self.demo.data,
+                                                               m.match["target_gmacs"])
+
     def probe(self):
         self.r["probe"] = self.demo.probe_towers({m.name: str(self.tower(m)) for m in self.methods})
 
     def towers(self):
         images = val_images(self.demo.data, self.plan.tower_images)
-        self.r["towers"] = {m.name: tower_stats(self.tower(m), images) for m in self.methods}
+        self.r["towers"] = {m.name: tower_stats(self.tower(m), images,
+                                                budget_gmacs=m.match["target_gmacs"] if m.budgeted else None)
+                            for m in self.methods}
 
     def speed(self):
         images = val_images(self.demo.data, self.plan.bench_batch)
@@ -478,7 +606,11 @@ class Compare:
 
     def stages(self) -> list:
         d = self.demo
-        s = [("data", d.make_data)] + [(f"clip-{m.name}", lambda m=m: self.clip(m)) for m in self.methods]
+        s = [("data", d.make_data)]
+        for m in self.methods:
+            s += [(f"clip-{m.name}", lambda m=m: self.clip(m))]
+            if m.budgeted:
+                s += [(f"exits-{m.name}", lambda m=m: self.exits(m))]
         s += [("probe", self.probe), ("towers", self.towers), ("speed", self.speed)]
         if self.plan.llava:
             s += [("llm", d.llm)]
@@ -498,6 +630,9 @@ def parse_args(argv=None):
     p.add_argument("--match", default=None, help="DRIP references to match the families to: 4x, 10x or 4x,10x")
     p.add_argument("--stages", default=None, help="comma-separated subset of stages (default: all)")
     p.add_argument("--no-llava", action="store_true", help="the tower table only (no LLaVA stages)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of methods, in table order, from every family / DRIP preset / DVT at "
+                        "the plan's references (e.g. vit,dvt@4x; ratios are vs the first)")
     return p.parse_args(argv)
 
 
@@ -512,9 +647,17 @@ def main(argv=None) -> dict:
         plan = Plan(**{**asdict(plan), "demo": plan.demo, "match": tuple(args.match.split(","))})
     if args.no_llava:
         plan = Plan(**{**asdict(plan), "demo": plan.demo, "llava": False})
-    cmp = Compare(out, plan, args.quick)
+    methods = None
+    if args.methods:
+        known = {m.name: m for m in all_methods(plan)}
+        picked = args.methods.split(",")
+        unknown = [n for n in picked if n not in known]
+        if unknown:
+            raise SystemExit(f"compare: unknown methods {unknown}; valid: {', '.join(known)}")
+        methods = [known[n] for n in picked]
+    cmp = Compare(out, plan, args.quick, methods)
     print("[compare] matched compute (analytic GMACs per image, drip_llava.vision.flops):\n"
-          + "\n".join(matching_lines(cmp.methods)), flush=True)
+          + "\n".join(matching_lines(cmp.methods, cmp.r.get("exits"))), flush=True)
     cmp.r["matching"] = {m.name: {"preset": m.preset, "overrides": list(m.overrides), **m.match}
                          for m in cmp.methods}
     cmp.r["plan"] = {**asdict(plan), "machine": f"{platform.processor() or platform.machine()}, "

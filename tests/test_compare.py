@@ -12,8 +12,13 @@ from drip_demo import compare
 def test_matched_settings_are_within_tolerance_and_recomputable():
     plan = dataclasses.replace(compare.FULL, match=("4x", "10x"))
     methods = compare.plan_methods(plan)
-    matched = [m for m in methods if m.match]
+    matched = [m for m in methods if m.match and not m.budgeted]
     assert {m.name for m in matched} == {f"{f}@{r}" for f in compare.FAMILIES for r in ("4x", "10x")}
+    # DVT: one cascade whose exit thresholds are fitted to DRIP-4x's figure after training
+    (dvt,) = [m for m in methods if m.budgeted]
+    assert dvt.name == "dvt@4x" and dvt.match["target_gmacs"] == compare.gmacs_of(compare.DRIP_REFERENCES["4x"])
+    assert not any(m.budgeted for m in compare.plan_methods(compare.QUICK))
+    assert "dvt@4x" in {m.name for m in compare.all_methods(compare.QUICK)}
     for m in matched:
         ref = compare.gmacs_of(compare.DRIP_REFERENCES[m.name.split("@")[1]])
         fam, knob = (o.split("=") for o in m.overrides)
@@ -60,6 +65,52 @@ def test_tower_stats_on_each_family(tmp_path, val_jpgs, spec):
         assert math.isfinite(s["aux"]["reached"]) and s["aux"]["target"] > 0
     if c.family == "avit":  # an untrained halting neuron runs nearly every block: more than the target's MACs
         assert s["aux"]["reached"] > c.depth - 1 > c.target_depth and s["gmacs_realised"] > s["gmacs_analytic"]
+
+
+def test_dvt_exit_stage_fits_the_budget_and_saves_it(tmp_path):
+    """The exits stage on a random DVT tower and a random CLIP text tower: the thresholds keep the mean MACs of the
+    split they were fitted on within the budget, the tower folder reloads with them and the exit classifier, and
+    the reloaded tower's own decisions spend what the fit says; the tower table reads the realised mix."""
+    from PIL import Image
+
+    from drip_llava.vision import flops
+    from drip_llava.vision.families import create_model, from_pretrained
+    from vision_pretrain.clip_model import DripCLIP, get_text_config
+
+    torch.manual_seed(0)
+    tower = create_model("dvt-tiny-16", hidden_size=64, num_heads=2, depth=2, embed_dim=32)
+    run, data = tmp_path / "run", tmp_path / "data"
+    clip = DripCLIP(tower, get_text_config("tiny"))
+    with torch.no_grad():
+        clip.logit_scale.fill_(math.log(30.0))  # spreads the random prototypes' confidences
+    tower.save_pretrained(run / "vision_tower")
+    clip.save_text_tower(run / "text_tower")
+    names = ["red circle", "blue square", "green star"]
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 8), ("val", 3)):
+        for c in names:
+            d = data / "imagefolder" / split / c.replace(" ", "_")
+            d.mkdir(parents=True)
+            for i in range(n):
+                px = (torch.rand(128, 128, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(px).save(d / f"{i}.jpg")
+    (data / "classnames.json").write_text(json.dumps({c.replace(" ", "_"): c for c in names}))
+    macs = flops.dvt_cumulative_macs(tower.config, num_classes=len(names))
+    budget = (macs[0] + macs[2]) / 2 / 1e9
+    res = compare.fit_dvt_exits(run, data, budget, batch=5)
+    assert res["train"]["images"] == 24 and res["val"]["images"] == 9 and len(res["val"]["anytime_top1"]) == 3
+    assert res["train"]["mean_macs"] <= budget * 1e9 and res["train"]["exit_fractions"][2] < 1  # exits early
+    assert res["exit_macs"] == pytest.approx(macs) and math.isfinite(res["zeroshot"]["zeroshot_top1"])
+    saved = from_pretrained(run / "vision_tower").eval()
+    c = saved.config
+    assert c.exit_policy == "threshold" and c.exit_thresholds == res["thresholds"] and c.exit_num_classes == 3
+    assert saved.exit_head_weight.abs().sum() > 0 and c.exit_normalize
+    train_jpgs = sorted((data / "imagefolder" / "train").rglob("*.jpg"))
+    s = compare.tower_stats(run / "vision_tower", train_jpgs, batch=7, budget_gmacs=budget)
+    assert s["aux"]["target"] == budget and s["aux"]["reached"] == pytest.approx(s["gmacs_realised"])
+    assert s["gmacs_realised"] * 1e9 == pytest.approx(res["train"]["mean_macs"], rel=1e-6)
+    assert s["exit_fractions"] == pytest.approx(res["train"]["exit_fractions"])
+    assert s["tokens"]["mean"] == pytest.approx(sum(f * n for f, n in zip(s["exit_fractions"], [4, 16, 64])))
 
 
 def test_clip_trainer_takes_every_family(tmp_path):
