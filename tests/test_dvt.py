@@ -339,3 +339,29 @@ def test_dvt_as_llava_tower(tiny_llm_dir):
         losses.append(out.loss.item())
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     assert all(p.grad is not None for p in model.mm_projector.parameters())
+
+
+def test_dvt_folder_keeps_its_exit_rule_through_llava(tiny_llm_dir, tmp_path):
+    """A tower folder with fitted thresholds (what `make compare`'s exits stage saves) keeps its exit classifier
+    and thresholds in LLaVA: after initialize_vision_modules from the folder, in the saved config, and after
+    saving and reloading the LLaVA model, every image takes the exit it takes in the folder's tower."""
+    from drip_llava.model.llava_llama import DripLlavaForCausalLM
+
+    m = _with_classifier(_model(**SMALL))
+    x = images(6)
+    _mixed(m, x)
+    m.save_pretrained(tmp_path / "tower")
+    with torch.no_grad():
+        want = m(x).exit_index
+    assert len(set(want.tolist())) > 1
+    model = DripLlavaForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32)
+    model.initialize_vision_modules(str(tmp_path / "tower"))
+    vc = model.config.vision_config
+    assert (vc["exit_policy"], vc["exit_thresholds"], vc["exit_num_classes"]) == ("threshold",
+                                                                                  m.config.exit_thresholds, N_CLASSES)
+    model.save_pretrained(tmp_path / "llava")
+    again = DripLlavaForCausalLM.from_pretrained(str(tmp_path / "llava"), dtype=torch.float32)
+    for tower in (model.get_vision_tower().model, again.get_vision_tower().model):
+        assert torch.equal(tower.exit_head_weight, m.exit_head_weight)
+        with torch.no_grad():
+            assert torch.equal(tower.eval()(x).exit_index, want)
