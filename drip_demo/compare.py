@@ -58,6 +58,8 @@ class Plan:
     drip: tuple = ("4x", "10x")  # DRIP presets trained besides the ViT
     dvt: tuple = ("4x",)  # DRIP references whose GMACs a DVT cascade's exit thresholds are fitted to
     tower_images: int = 400  # val images for token counts, realised GMACs and auxiliary targets
+    exit_fit_images: int = 2000  # train images DVT's thresholds are fitted on (spread over the classes; every exit
+    # runs on each: ~10 s per 64 images on the shared 2 cores)
     bench_batch: int = 16
     bench_repeats: int = 5
     prefill_repeats: int = 5
@@ -73,8 +75,8 @@ FULL = Plan(demo=Budget(n_train=8000, n_val=800, clip_steps=130, clip_batch=32, 
 QUICK = Plan(demo=Budget(n_train=1200, n_val=200, clip_steps=12, clip_batch=16, clip_lr=5e-4, stage1_steps=3,
                          stage2_steps=3, llava_batch=2, stage1_lr=1e-2, stage2_lr=5e-4, lora_r=8, n_eval=12,
                          n_letter=0, n_exact=0, probe_images=(200, 100), n_image_use=0),
-             families=("tome",), drip=("4x",), dvt=(), tower_images=48, bench_batch=8, bench_repeats=2,
-             prefill_repeats=2)
+             families=("tome",), drip=("4x",), dvt=(), tower_images=48, exit_fit_images=300, bench_batch=8,
+             bench_repeats=2, prefill_repeats=2)
 
 
 @dataclass
@@ -157,14 +159,15 @@ def matching_lines(methods: list[Method], exits: dict | None = None) -> list[str
 
 
 # ---- DVT: exit thresholds for the budget -------------------------------------------------------------------
-def fit_dvt_exits(run: Path, data: Path, budget_gmacs: float, batch: int = 64) -> dict:
+def fit_dvt_exits(run: Path, data: Path, budget_gmacs: float, batch: int = 64, n_train: int | None = None) -> dict:
     """Budgeted early exit for the CLIP-trained DVT cascade in `run` (vision_tower/ + text_tower/): the exit
     classifier is the zero-shot eval's class prototypes (open_clip.build_zero_shot_classifier over the shapes
-    world's class names, CLIP's logit scale, normalised embeddings), thresholds are fitted on every train image's
-    per-exit confidence so the mean MACs per image (exit classifier included) stay <= budget_gmacs
-    (dvt.fit_exit_thresholds), and vision_tower/ is saved with policy "threshold" and them. Returns the
-    thresholds, the per-exit MACs, the train split's fitted exit mix and mean MACs, the val split's anytime top-1
-    per exit and budgeted top-1 / mix, and the zero-shot eval of the budgeted tower (val)."""
+    world's class names, CLIP's logit scale, normalised embeddings); thresholds are fitted on the train split's
+    per-exit confidences (`n_train` images, every k-th of the sorted folder; None = all) so the mean MACs per image
+    (exit classifier included) stay <= budget_gmacs (dvt.fit_exit_thresholds), and vision_tower/ is saved with
+    policy "threshold" and them. Returns the thresholds, the per-exit MACs, the train split's fitted exit mix and
+    mean MACs, the val split's anytime top-1 per exit and budgeted top-1 / mix, and the zero-shot eval of the
+    budgeted tower (val)."""
     import open_clip
     import torch
 
@@ -183,6 +186,10 @@ def fit_dvt_exits(run: Path, data: Path, budget_gmacs: float, batch: int = 64) -
         weights = open_clip.build_zero_shot_classifier(model, tokenizer, classnames, pick_templates("auto", classnames),
                                                        num_classes_per_batch=10, device=dev)  # [E,C]
     tower.set_exit_classifier(weights.T, logit_scale=float(model.logit_scale.detach().exp()), normalize=True)
+
+    if n_train is not None and n_train < len(splits["train"]):
+        step = len(splits["train"]) // n_train
+        splits["train"] = torch.utils.data.Subset(splits["train"], range(0, step * n_train, step))
 
     def batches(ds):
         loader = folder_eval_loader(ds, batch, rank=0, world_size=1, workers=0)
@@ -540,7 +547,8 @@ class Compare:
 
     def exits(self, m: Method):
         self.r.setdefault("exits", {})[m.name] = fit_dvt_exits(self.out / "clip" / m.name, self.demo.data,
-                                                               m.match["target_gmacs"])
+                                                               m.match["target_gmacs"],
+                                                               n_train=self.plan.exit_fit_images)
 
     def probe(self):
         self.r["probe"] = self.demo.probe_towers({m.name: str(self.tower(m)) for m in self.methods})
