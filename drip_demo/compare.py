@@ -28,6 +28,7 @@ import json
 import platform
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -454,7 +455,8 @@ def markdown(r: dict, methods: list[Method], rows: list[dict], llava_rows: list[
     plan, secs = r["plan"], r.get("seconds", {})
     b = plan["demo"]
     L = [f"# Token-reduction towers at matched compute ({'QUICK' if quick else 'full'} budget)", "",
-         f"`python -m drip_demo.compare{' --quick' if quick else ''}` on {r.get('date')}, {plan['machine']}; "
+         f"`{r.get('command') or 'python -m drip_demo.compare' + (' --quick' if quick else '')}` on "
+         f"{r.get('date')}, {plan['machine']}; "
          f"{sum(secs.values()):.0f} s of stages ({', '.join(f'{k} {v:.0f}' for k, v in secs.items())}).", "",
          f"Every tower: CLIP on the shapes world ({b['n_train']} train images), {b['clip_steps']} steps of batch "
          f"{b['clip_batch']} x 2 ranks, lr {b['clip_lr']}, seed 0, the same data order (`vision_pretrain.clip`, "
@@ -677,6 +679,7 @@ def main(argv=None) -> dict:
             cmp.demo.stage(name, fn)
     cmp.r["total_seconds_this_run"] = round(time.time() - t0, 1)
     cmp.r["date"] = datetime.date.today().isoformat()
+    cmp.r["command"] = " ".join(["python -m drip_demo.compare", *(sys.argv[1:] if argv is None else argv)])
     cmp.demo.save()
     if wanted is None or "report" in wanted:
         cmp.report()
