@@ -1,4 +1,4 @@
-"""Token-reduction towers side by side at matched compute on the shapes world: one table (issue #20).
+"""Token-reduction towers side by side at matched compute on the shapes world: one honest table.
 
     python -m drip_demo.compare [--quick] [--fresh] [--out playground/compare] [--match 4x[,10x]] [--stages ...]
                                 [--methods vit,dvt@4x,...] [--no-llava]
