@@ -538,6 +538,7 @@ class Compare:
     def __init__(self, out: Path, plan: Plan, quick: bool, methods: list[Method] | None = None):
         self.out, self.plan, self.quick = out, plan, quick
         self.demo = Demo(out, plan.demo, quick)  # its stage / run / save machinery and results.json
+        self.demo.restart_hint = "make compare FRESH=1"
         self.r = self.demo.results
         self.methods = plan_methods(plan) if methods is None else methods
 

@@ -116,6 +116,7 @@ class Demo:
         self.precision = cpu_precision()
         self.data = out / "data"
         self.llm_job = None  # the LLM conversion, once started (start_llm)
+        self.restart_hint = "make demo FRESH=1"  # printed when a finished stage is reused
         self.logs = out / "logs"
         self.report = out / "report"
         self.results_path = out / "results.json"
@@ -159,7 +160,7 @@ class Demo:
 
     def stage(self, name: str, fn):
         if self.results.get("done", {}).get(name):
-            print(f"[demo] {name}: done in an earlier run, reusing (make demo FRESH=1 to start over)")
+            print(f"[demo] {name}: done in an earlier run, reusing ({self.restart_hint} to start over)")
             return
         print(f"\n[demo] ===== {name} =====", flush=True)
         seconds = timed(fn)
