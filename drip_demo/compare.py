@@ -633,6 +633,19 @@ class Compare:
         return s + [("report", self.report)]
 
 
+TABLE_STAGES = ("probe", "towers", "speed", "prefill")  # stages whose one result covers every method
+
+
+def forget_stale_table_stages(results: dict, names: list[str]) -> list[str]:
+    """A finished table stage is redone when the method list changed since it ran (a method added to the plan
+    would otherwise be missing from its table on a resumed run); returns the stages forgotten."""
+    done, ran_with = results.setdefault("done", {}), results.setdefault("table_methods", {})
+    stale = [st for st in TABLE_STAGES if done.get(st) and ran_with.get(st) != names]
+    for st in stale:
+        done.pop(st)
+    return stale
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few steps, ViT / DRIP-4x / ToMe@4x (what the test runs)")
@@ -674,10 +687,15 @@ def main(argv=None) -> dict:
     cmp.r["plan"] = {**asdict(plan), "machine": f"{platform.processor() or platform.machine()}, "
                                                 f"{__import__('os').cpu_count()} cores"}
     wanted = set(args.stages.split(",")) if args.stages else None
+    names = [m.name for m in cmp.methods]
+    for st in forget_stale_table_stages(cmp.r, names):
+        print(f"[compare] {st}: the methods changed since it ran; running it again", flush=True)
     t0 = time.time()
     for name, fn in cmp.stages():
         if wanted is None or name in wanted:
             cmp.demo.stage(name, fn)
+            if name in TABLE_STAGES and cmp.r["done"].get(name):
+                cmp.r["table_methods"][name] = names
     cmp.r["total_seconds_this_run"] = round(time.time() - t0, 1)
     cmp.r["date"] = datetime.date.today().isoformat()
     cmp.r["command"] = " ".join(["python -m drip_demo.compare", *(sys.argv[1:] if argv is None else argv)])

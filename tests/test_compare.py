@@ -152,3 +152,14 @@ def test_quick_compare_has_a_finite_row_per_method(tmp_path):
         assert all(math.isfinite(r[k]) for k in ("acc_image", "acc_blank", "prefill_ms", "prefill_gmacs"))
     assert (out / "compare.png").stat().st_size > 0
     assert "| tome@4x | family=tome merge_r=9 |" in (out / "COMPARE.md").read_text()
+
+
+def test_a_resumed_run_redoes_table_stages_when_the_methods_changed():
+    """probe / towers / speed / prefill cover every method in one result: after a method joins the plan, a resumed
+    run must run them again (per-method stages stay done)."""
+    r = {"done": {"clip-vit": True, "probe": True, "towers": True}, "table_methods": {"probe": ["vit"]}}
+    assert compare.forget_stale_table_stages(r, ["vit"]) == ["towers"]  # towers never recorded its methods
+    r["done"]["towers"], r["table_methods"]["towers"] = True, ["vit"]
+    assert compare.forget_stale_table_stages(r, ["vit"]) == []
+    assert compare.forget_stale_table_stages(r, ["vit", "dvt@4x"]) == ["probe", "towers"]
+    assert r["done"] == {"clip-vit": True}
