@@ -603,7 +603,7 @@ def test_kv_reuse_regenerate_edit_sampling_stop_truncation_clear(lively_engine, 
 
     old = engine.context_len, plain.context_len
     previous = [int(t) for t in engine.prompt_ids(session.messages[:-1], True)[1][0]]
-    try:  # the whole conversation no longer fits: fit_context drops the oldest pairs after the first
+    try:  # the whole conversation does not fit: fit_context drops the oldest pairs after the first
         engine.context_len = plain.context_len = session.replies[-1].prompt_tokens + 4
         truncated = ask("One more question about the cat?", GenerationSettings(temperature=0, max_new_tokens=4))
     finally:
