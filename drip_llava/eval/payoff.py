@@ -174,6 +174,7 @@ def train_throughput(job: dict) -> dict:
     from drip_llava.model.builder import default_dtype
     from drip_llava.train.params import DataArguments, ModelArguments, TrainingArguments
     from drip_llava.train.recipes import get_recipe, unwrap
+    from drip_llava.vision.bench import reset_peak_rss, vm_kb
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
@@ -203,7 +204,7 @@ def train_throughput(job: dict) -> dict:
     clock = LayerClock(unwrap(model).model.layers, backward=True, sync=cuda)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    rss_reset = False if cuda else _reset_rss_peak()
+    rss_reset = False if cuda else reset_peak_rss()  # the steps' peak, not model building's
     step_s, layer_s, tokens, visual, losses = [], [], 0, [], []
     for i, batch in enumerate(batches):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -224,7 +225,7 @@ def train_throughput(job: dict) -> dict:
     if cuda:
         peak, how = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
     elif rss_reset:
-        peak, how = _rss_peak(), "peak RSS during the steps (VmHWM reset before them)"
+        peak, how = vm_kb("VmHWM") * 1024, "peak RSS during the steps (VmHWM reset before them)"
     else:  # Linux reports kilobytes
         peak, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "max RSS of the process"
     total = sum(step_s)
@@ -236,27 +237,6 @@ def train_throughput(job: dict) -> dict:
     if before is not None:
         row["changed"] = sorted(n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach()))
     return row
-
-
-def _reset_rss_peak() -> bool:
-    """Reset the process's peak RSS (Linux: "5" to /proc/self/clear_refs), so the peak is the training steps' and
-    not model building's (a random 7B-shaped build peaks well above its training steps). False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return _rss_peak() is not None
-
-
-def _rss_peak() -> Optional[int]:
-    """VmHWM (peak resident set since the last reset) in bytes, or None."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def run_fresh(job: dict) -> dict:

@@ -67,7 +67,7 @@ def _malloc_trim():
                 return  # not glibc: RSS may include cached free heap (documented)
 
 
-def _vm_kb(field: str) -> Optional[int]:
+def vm_kb(field: str) -> Optional[int]:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -77,12 +77,13 @@ def _vm_kb(field: str) -> Optional[int]:
     return None
 
 
-def _can_reset_hwm() -> bool:
+def reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (Linux: "5" to /proc/self/clear_refs); False where unsupported."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return False
-    return _vm_kb("VmHWM") is not None
+    return vm_kb("VmHWM") is not None
 
 
 class PeakMemory:
@@ -93,7 +94,7 @@ class PeakMemory:
         self.peak_mb = float("nan")
         if device.type == "cuda":
             self.method = "cuda max_memory_allocated"
-        elif _can_reset_hwm():
+        elif reset_peak_rss():
             self.method = "peak RSS growth (VmHWM reset via /proc/self/clear_refs)"
         else:
             self.method = "peak RSS growth (psutil sampling, 1 ms)"
@@ -106,7 +107,7 @@ class PeakMemory:
         _malloc_trim()
         if "clear_refs" in self.method:
             Path("/proc/self/clear_refs").write_text("5")
-            self._base = _vm_kb("VmRSS") * 1024
+            self._base = vm_kb("VmRSS") * 1024
         else:
             import psutil
 
@@ -128,7 +129,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
         elif "clear_refs" in self.method:
-            self.peak_mb = max(0, _vm_kb("VmHWM") * 1024 - self._base) / 2 ** 20
+            self.peak_mb = max(0, vm_kb("VmHWM") * 1024 - self._base) / 2 ** 20
         else:
             self._stop.set()
             self._thread.join()
