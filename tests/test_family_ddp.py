@@ -57,3 +57,12 @@ def test_family_trains_under_ddp_with_every_parameter_used(preset):
 
 def test_every_family_is_covered():
     assert {"tome", "dynamicvit", "avit"} <= {create_model(p).config.family for p in PRESETS}
+
+
+@pytest.mark.parametrize("preset", ["drip-tiny-16-4x", *PRESETS])
+def test_every_parameter_survives_deepspeeds_byte_broadcast_in_bf16(preset):
+    """DeepSpeed's engine start broadcasts each parameter as `p.data.view(torch.uint8)`; a 0-dim bf16 parameter
+    cannot be viewed so and stops stage 1 before its first step."""
+    model = create_model(preset).to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        assert p.data.view(torch.uint8).numel() == 2 * p.numel(), name

@@ -110,8 +110,10 @@ class AViTVisionModel(FamilyVisionModel):
 
     def __init__(self, config: AViTConfig):
         super().__init__(config)
-        self.halt_gamma = nn.Parameter(torch.tensor(config.halt_gamma))
-        self.halt_beta = nn.Parameter(torch.tensor(config.halt_beta))
+        # shape [1], not a scalar: DeepSpeed broadcasts parameters as bytes (p.data.view(torch.uint8)), which a
+        # 0-dim bf16 tensor cannot do
+        self.halt_gamma = nn.Parameter(torch.full((1,), config.halt_gamma))
+        self.halt_beta = nn.Parameter(torch.full((1,), config.halt_beta))
         self._forced_depth: Optional[torch.Tensor] = None
         self.post_init()
 
