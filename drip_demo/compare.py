@@ -18,7 +18,8 @@ and tokens LLaVA reads, GMACs at the realised tokens, the auxiliary-loss target 
 (drip_llava.vision.bench's Runner on the trained towers, interleaved, one real val batch: inference and a training
 step) -> stage1-/stage2-/eval-METHOD (the demo's LLaVA stages with the same LLM and data; likelihood multiple choice
 with the image vs a blank one, exact McNemar) -> prefill (the LLM's prefill time at each method's visual token
-count) -> report (OUT/COMPARE.md, OUT/compare.json, OUT/compare.png).
+count) -> pictures (OUT/towers.png: what each trained tower did to val images and photos) -> report
+(OUT/COMPARE.md, OUT/compare.json, OUT/compare.png).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ KNOBS = {
     "avit": ("target_depth", tuple(round(1 + 0.05 * i, 2) for i in range(101))),  # 1..6 blocks
 }
 FAMILIES = ("tome", "dynamicvit", "avit")
+PICTURE_PHOTOS = ("astronaut", "coffee")  # bundled example photos (drip_llava.vision.images)
 DVT_PRESET = "dvt-tiny-16"  # ViT-tiny's body as the last exit, exits on 2x2 / 4x4 / 8x8 grids (4 / 16 / 64 tokens)
 
 
@@ -487,6 +489,9 @@ def markdown(r: dict, methods: list[Method], rows: list[dict], llava_rows: list[
                  + (f"{aux['what']}: {aux['reached']:.3f} / {aux['target']:.3f}" if aux else "none")
                  + (f", exit mix {_fmt_list(x['exit_fractions'], 0, 100)} % |" if x["exit_fractions"] else " |"))
     L += ["", "![accuracy vs compute and speed](compare.png)", "", *dvt_notes(r, methods)]
+    if "pictures" in r:
+        L += ["What each tower did to the same images (eval; colours = tokens, black = dropped, A-ViT: halting "
+              "depth, dark = early; DVT: the grid of the exit taken):", "", "![what each tower did](towers.png)", ""]
     if llava_rows:
         L += ["## 2. Each tower in LLaVA (SmolLM2-135M-Instruct)", "",
               f"The demo's stages with each tower: stage 1 {b['stage1_steps']} steps (projector), stage 2 "
@@ -607,6 +612,19 @@ class Compare:
         self.r["prefill"] = {"prompt_text_tokens": n_text,
                              "methods": prefill_times(self.demo.llm_dir, n, self.plan.prefill_repeats)}
 
+    def pictures(self):
+        """One figure, a row per method, the same val images and photos in the columns: segments, merged groups,
+        dropped patches, halting depth, the exit taken (drip_llava.vision.visualize)."""
+        from drip_llava.vision.families import from_pretrained
+        from drip_llava.vision.images import image_label, load_image
+        from drip_llava.vision.visualize import render_towers
+
+        specs = [str(p) for p in val_images(self.demo.data, 2)] + [f"example:{n}" for n in PICTURE_PHOTOS]
+        models = {m.name: from_pretrained(self.tower(m)).eval() for m in self.methods}
+        _, counts = render_towers(models, [load_image(s) for s in specs], [image_label(s) for s in specs],
+                                  self.out / "towers.png", title="What each tower did (eval)")
+        self.r["pictures"] = {"images": [image_label(s) for s in specs], "tokens": counts}
+
     def report(self):
         rows, llava_rows = table_rows(self.r, self.methods), llava_table_rows(self.r, self.methods)
         (self.out / "compare.json").write_text(json.dumps(
@@ -630,10 +648,10 @@ class Compare:
                       (f"stage2-{m.name}", lambda m=m: self.stage2(m)),
                       (f"eval-{m.name}", lambda m=m: self.evaluate(m))]
             s += [("prefill", self.prefill)]
-        return s + [("report", self.report)]
+        return s + [("pictures", self.pictures), ("report", self.report)]
 
 
-TABLE_STAGES = ("probe", "towers", "speed", "prefill")  # stages whose one result covers every method
+TABLE_STAGES = ("probe", "towers", "speed", "prefill", "pictures")  # stages whose one result covers every method
 
 
 def forget_stale_table_stages(results: dict, names: list[str]) -> list[str]:

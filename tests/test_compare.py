@@ -150,7 +150,8 @@ def test_quick_compare_has_a_finite_row_per_method(tmp_path):
     for r in res["llava"]:
         assert 0 <= r["p_value"] <= 1 and r["n_image_problems"] > 0
         assert all(math.isfinite(r[k]) for k in ("acc_image", "acc_blank", "prefill_ms", "prefill_gmacs"))
-    assert (out / "compare.png").stat().st_size > 0
+    assert (out / "compare.png").stat().st_size > 0 and (out / "towers.png").stat().st_size > 0
+    assert list(json.loads((out / "results.json").read_text())["pictures"]["tokens"]) == names  # a row each
     assert "| tome@4x | family=tome merge_r=9 |" in (out / "COMPARE.md").read_text()
 
 

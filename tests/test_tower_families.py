@@ -426,6 +426,22 @@ def test_visualize_draws_merged_and_dropped_patches(preset, tmp_path):
     assert (tmp_path / "p.png").is_file() and res["num_tokens"] == [n]
 
 
+def test_one_figure_shows_every_family_on_the_same_photos(tmp_path):
+    """make compare's picture: a row per tower, the same images in the columns, each panel's count the tower's."""
+    from drip_llava.vision import images as example_images
+    from drip_llava.vision import visualize
+
+    models = {p: _model(p).eval() for p in ("vit-tiny-16", "tome-tiny-16-r8", "avit-tiny-16", "dvt-tiny-16")}
+    specs = ["example:astronaut", "example:coffee"]
+    ims = [example_images.load_image(s) for s in specs]
+    path, counts = visualize.render_towers(models, ims, [example_images.image_label(s) for s in specs],
+                                           str(tmp_path / "towers.png"))
+    assert path.stat().st_size > 0 and list(counts) == list(models)
+    assert counts == {p: [visualize.segment_overlay(m, im)[1] for im in ims] for p, m in models.items()}
+    assert counts["vit-tiny-16"] == [64, 64] and counts["tome-tiny-16-r8"] == [16, 16]
+    assert counts["dvt-tiny-16"] == [16, 16]  # its preset's fixed exit: the 4 x 4 grid
+
+
 @pytest.mark.parametrize("preset,family", [("tome-tiny-16-r8", "tome"), ("dynamicvit-tiny-16-rho0.5", "dynamicvit")])
 def test_family_as_llava_tower(preset, family, tiny_llm_dir):
     """A family preset goes through the one spec function into LLaVA: the frozen tower (eval mode) gives each

@@ -168,14 +168,47 @@ def render_figure(model, images: Sequence[Image.Image], names: Sequence[str], ou
     cols = max(1, min(cols or min(n, 3), n))
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.5 * rows), squeeze=False)
-    L = model.config.num_patches
     counts = []
     for ax, im, name in zip(axes.flat, images, names):
         pic, k = segment_overlay(model, im)
         counts.append(k)
         ax.imshow(pic)
-        exit_note = f"exit {model.config.exit_tokens().index(k)}, " if model.config.family == "dvt" else ""
-        ax.set_title(f"{name}: {exit_note}{k} tokens / {L} patches ({L / k:.1f}x)", fontsize=10)
+        ax.set_title(overlay_title(model, name, k), fontsize=10)
+    return _save_figure(fig, axes, out, title), counts
+
+
+def render_towers(models: dict, images: Sequence[Image.Image], names: Sequence[str], out: str,
+                  title: Optional[str] = None) -> tuple[Path, dict]:
+    """One row per tower (name -> model), one column per image: what each method did to the same images.
+    Returns (path, name -> token counts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(models), len(images)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.7 * rows), squeeze=False)
+    counts = {}
+    for row, (tower, model) in zip(axes, models.items()):
+        counts[tower] = []
+        for ax, im, name in zip(row, images, names):
+            pic, k = segment_overlay(model, im)
+            counts[tower].append(k)
+            ax.imshow(pic)
+            ax.set_title(f"{tower}\n{overlay_title(model, name, k)}", fontsize=8)
+    return _save_figure(fig, axes, out, title), counts
+
+
+def overlay_title(model, name: str, k: int) -> str:
+    """'name: [exit e, ]k tokens / L patches (ratio)' for one overlay."""
+    L = model.config.num_patches
+    exit_note = f"exit {model.config.exit_tokens().index(k)}, " if model.config.family == "dvt" else ""
+    return f"{name}: {exit_note}{k} tokens / {L} patches ({L / k:.1f}x)"
+
+
+def _save_figure(fig, axes, out: str, title: Optional[str]) -> Path:
+    import matplotlib.pyplot as plt
+
     for ax in axes.flat:
         ax.axis("off")
     if title:
@@ -185,7 +218,7 @@ def render_figure(model, images: Sequence[Image.Image], names: Sequence[str], ou
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path, counts
+    return path
 
 
 def parse_args(argv=None):
