@@ -102,7 +102,7 @@ def test_early_exit_images_skip_later_exits():
     x = images(6)
     _mixed(m, x)
     rows = [0, 0, 0]
-    hooks = [body.patch_embed.register_forward_pre_hook(lambda mod, args, k=k: rows.__setitem__(k, rows[k] +
+    hooks = [body.blocks[0].ln_1.register_forward_pre_hook(lambda mod, args, k=k: rows.__setitem__(k, rows[k] +
                                                                                                    args[0].shape[0]))
              for k, body in enumerate(m.exit_bodies)]
     try:
@@ -246,6 +246,39 @@ def test_training_runs_every_exit_and_every_parameter_learns():
         sub.load_state_dict({k: v for k, v in m.state_dict().items() if k in sub.state_dict()})
         sub(x).exit_pooled[-1].square().mean().backward()
         assert sub.coarse_exits[0].blocks[0].attn.qkv.weight.grad.abs().sum() > 0, flags
+
+
+@pytest.mark.parametrize("g_in,g_out,n_cls", [(2, 4, 1), (7, 14, 1), (4, 7, 1), (3, 7, 0), (6, 12, 1)])
+def test_token_resampling_is_the_official_grid_resampling(g_in, g_out, n_cls):
+    """Reuse resamples tokens and attention maps as the official code does on the [g, g] layout (nearest by
+    ceil(g_out / g_in), then adaptive average pooling; CLS kept): exactly for whole factors, else to rounding."""
+    import torch.nn.functional as F
+
+    def grid(x):  # [N, g_in, g_in] -> [N, g_out, g_out], the official way
+        f = -(-g_out // g_in)
+        return F.adaptive_avg_pool2d(F.interpolate(x[:, None], scale_factor=f, mode="nearest"), g_out)[:, 0]
+
+    torch.manual_seed(0)
+    T, T2 = n_cls + g_in ** 2, n_cls + g_out ** 2
+    r = torch.randn(2, 3, T, T)  # [B, C, queries, keys]
+    ref = torch.zeros(2, 3, T2, T2)
+    if n_cls:
+        ref[..., :n_cls, :n_cls] = r[..., :n_cls, :n_cls]
+        ref[..., :n_cls, n_cls:] = grid(r[..., :n_cls, n_cls:].reshape(-1, g_in, g_in)).reshape(2, 3, n_cls, -1)
+        ref[..., n_cls:, :n_cls] = grid(r[..., n_cls:, :n_cls].transpose(-1, -2).reshape(-1, g_in, g_in)).reshape(
+            2, 3, n_cls, -1).transpose(-1, -2)
+    qk = r[..., n_cls:, n_cls:].reshape(2, 3, g_in, g_in, g_in, g_in)  # [B, C, qy, qx, ky, kx]
+    keys = grid(qk.reshape(-1, g_in, g_in)).reshape(2, 3, g_in, g_in, g_out, g_out)
+    both = grid(keys.permute(0, 1, 4, 5, 2, 3).reshape(-1, g_in, g_in)).reshape(2, 3, g_out, g_out, g_out, g_out)
+    ref[..., n_cls:, n_cls:] = both.permute(0, 1, 4, 5, 2, 3).reshape(2, 3, g_out ** 2, g_out ** 2)
+    out = dvt.resize_relation(r, g_in, g_out, n_cls)
+    tokens = torch.randn(2, g_in ** 2, 5)
+    ref_tokens = grid(tokens.transpose(1, 2).reshape(-1, g_in, g_in)).reshape(2, 5, -1).transpose(1, 2)
+    if g_out % g_in == 0:
+        assert torch.equal(out, ref) and torch.equal(dvt.resize_tokens(tokens, g_in, g_out), ref_tokens)
+    else:
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(dvt.resize_tokens(tokens, g_in, g_out), ref_tokens)
 
 
 def test_reuse_changes_the_next_exit():

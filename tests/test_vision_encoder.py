@@ -191,6 +191,26 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(a.num_tokens, b.num_tokens) and (a.pooled - b.pooled).abs().max() == 0
 
 
+@pytest.mark.parametrize("patch,size", [(16, 64), (32, 96), (64, 128), (32, 100)])
+def test_patch_embedding_is_the_conv_whichever_form_runs(patch, size):
+    """On CPU patches of CPU_MATMUL_PATCH px and more are embedded by a matmul: same values and gradients as the
+    conv, pixels past the last whole patch ignored as the conv does."""
+    from drip_llava.vision.model import CPU_MATMUL_PATCH
+
+    m = DripVisionModel(DripVisionConfig(image_size=size - size % patch, patch_size=patch, hidden_size=32, depth=1,
+                                         num_heads=2, embed_dim=16, n_pre=1))
+    x = images(2, size).requires_grad_()
+    got = m.patchify(x)
+    ref = m.patch_embed(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    g_got = torch.autograd.grad(got.square().sum(), (x, m.patch_embed.weight))
+    g_ref = torch.autograd.grad(ref.square().sum(), (x, m.patch_embed.weight))
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    if patch < CPU_MATMUL_PATCH:
+        assert torch.equal(got, ref)  # the conv itself
+
+
 def test_bf16_autocast_forward_on_cpu():
     m = DripVisionModel.from_preset("drip-tiny-16-4x").train()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -31,6 +31,7 @@ exit stops after block i, the exits before it run in full only when they decide 
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from contextlib import contextmanager
@@ -183,22 +184,44 @@ def resize_grid(t: torch.Tensor, g_out: int) -> torch.Tensor:
     return t if t.shape[-1] == g_out else F.adaptive_avg_pool2d(t, g_out)
 
 
+@functools.lru_cache(maxsize=32)
+def token_resampler(g_in: int, g_out: int, n_cls: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """`resize_grid` on the token axis as a sparse map: (idx [T', S] long, w [T', S] float or None when every output
+    token copies one input token), T = n_cls + g^2, S = the most input tokens one output token averages. Output
+    token o = sum_s w[o, s] * input token idx[o, s]; the CLS tokens map to themselves. Gathers instead of a
+    resampling of the whole [.., g, g] layout (and no matmul, so FlopCounterMode counts only the model's MACs)."""
+    L = g_in * g_in
+    basis = torch.eye(L, dtype=torch.float64).reshape(L, 1, g_in, g_in)
+    m = resize_grid(basis, g_out).reshape(L, g_out * g_out).T  # [g_out^2, g_in^2]: output <- input weights
+    m = torch.block_diag(torch.eye(n_cls, dtype=m.dtype), m)
+    S = int((m != 0).sum(1).max())
+    w, idx = m.topk(S, dim=1)  # zero weights pad rows with fewer inputs
+    if bool((w[:, 0] == 1).all()) and S == 1:
+        return idx, None
+    return idx, w.float()
+
+
+def resample(t: torch.Tensor, dim: int, g_in: int, g_out: int, n_cls: int) -> torch.Tensor:
+    """Tokens on a g_in grid along `dim` (n_cls + g_in^2 of them) -> on the g_out grid (see `token_resampler`)."""
+    idx, w = token_resampler(g_in, g_out, n_cls)
+    idx = idx.to(t.device)
+    if w is None:
+        return t.index_select(dim, idx[:, 0])
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    w = w.to(device=t.device, dtype=t.dtype)
+    return sum(t.index_select(dim, idx[:, s]) * w[:, s].reshape(shape) for s in range(idx.shape[1]))
+
+
 def resize_tokens(t: torch.Tensor, g_in: int, g_out: int) -> torch.Tensor:
     """Patch tokens on a grid: [B, g_in^2, C] -> [B, g_out^2, C]."""
-    B, _, C = t.shape
-    t = resize_grid(t.transpose(1, 2).reshape(B, C, g_in, g_in), g_out)
-    return t.flatten(2).transpose(1, 2)
+    return resample(t, 1, g_in, g_out, 0)
 
 
 def resize_relation(r: torch.Tensor, g_in: int, g_out: int, n_cls: int) -> torch.Tensor:
     """Attention maps [B,C,T,T] (T = n_cls + g_in^2, queries x keys) -> [B,C,T',T'] (T' = n_cls + g_out^2): the key
     grid, then the query grid resized; CLS rows / columns are kept."""
-    B, C, T, _ = r.shape
-    keys = resize_grid(r[..., n_cls:].reshape(B, C * T, g_in, g_in), g_out).reshape(B, C, T, g_out * g_out)
-    r = torch.cat([r[..., :n_cls], keys], dim=-1).transpose(-1, -2)  # [B,C,T',T]: keys x queries
-    T2 = r.shape[2]
-    queries = resize_grid(r[..., n_cls:].reshape(B, C * T2, g_in, g_in), g_out).reshape(B, C, T2, g_out * g_out)
-    return torch.cat([r[..., :n_cls], queries], dim=-1).transpose(-1, -2)
+    return resample(resample(r, 3, g_in, g_out, n_cls), 2, g_in, g_out, n_cls)
 
 
 class FeatureReuse(nn.Module):
