@@ -34,7 +34,7 @@ test-fast: install
 	$(PY) -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
 
 bench: install
-	$(PY) -m drip_llava.vision.bench --presets vit-b-16,drip-b-16-4x,drip-b-16-10x,tome-b-16-r16,dynamicvit-b-16-rho0.5,avit-b-16 --mode infer --batch 8
+	$(PY) -m drip_llava.vision.bench --presets vit-b-16,drip-b-16-4x,drip-b-16-10x,tome-b-16-r16,dynamicvit-b-16-rho0.5,avit-b-16,dvt-b-16+exit_policy=fixed:0,dvt-b-16+exit_policy=fixed:1,dvt-b-16+exit_policy=fixed:2 --mode infer --batch 8
 	$(PY) -m drip_llava.vision.bench --presets vit-b-16,drip-b-16-4x,drip-b-16-10x --mode train --batch 8
 	$(PY) -m drip_llava.vision.bench --llava-tower --repeats 2
 

@@ -242,6 +242,22 @@ def test_tome_runs_on_a_trained_vit_folder_without_training(tmp_path):
     assert (cos > 0.5).all()  # merging similar tokens keeps the embedding close
 
 
+@pytest.mark.parametrize("preset", [*TINY, "vit-tiny-16"])
+def test_training_macs_match_flop_counter_on_a_training_forward(preset):
+    """The bench's train-mode MAC ratio: DynamicViT and A-ViT (masking) and DVT (every exit) train at more than
+    their inference MACs; ToMe and the ViT at the same."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = _model(preset).train()
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        m(images(1))
+    counted, t = counter.get_total_flops() / 2, flops.training_macs(m.config)
+    assert counted == pytest.approx(t, rel=0.01)
+    inference = flops.analytic_macs(m.config)
+    assert (t > 1.1 * inference) == (m.config.family in ("dynamicvit", "avit", "dvt"))
+
+
 def test_tome_proportional_attention_and_mean_pool_flops():
     for kw in ({"proportional_attention": False}, {"pool": "mean", "class_token": False},
                {"merge_r": [0, 16, 0, 8, 8, 0]}):

@@ -147,6 +147,21 @@ def test_bench_infer_calibrated_tokens():
     assert r["tokens_mean"] == pytest.approx(6, abs=0.4) and r["tokens_padded"] >= r["tokens_mean"]
 
 
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_bench_preset_overrides_and_each_modes_macs(mode):
+    """`PRESET+KEY=VALUE` builds the preset with that field; the MAC ratio uses what the timed step computes (DVT
+    at its fixed exit in inference, every exit in training)."""
+    res = bench.run_benchmark(["vit-tiny-16", "dvt-tiny-16+exit_policy=fixed:0"], mode=mode, batch=2, repeats=1,
+                              warmup=0)
+    r = res["results"][1]
+    c = get_preset_config("dvt-tiny-16", exit_policy="fixed:0")
+    want = flops.dvt_cumulative_macs(c)[0 if mode == "infer" else -1] / 1e9
+    assert r["preset"] == "dvt-tiny-16+exit_policy=fixed:0" and r["gmacs"] == pytest.approx(want)
+    assert r["tokens_mean"] == (4 if mode == "infer" else 64)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--presets", "vit-tiny-16,dvt-tiny-16+exit_policy"])  # not KEY=VALUE
+
+
 def test_example_images():
     names = images.list_examples()
     assert {"astronaut", "chelsea", "coffee", "rocket", "camera"} <= set(names)

@@ -8,7 +8,8 @@ config's eval rule, threshold or expected count; train: expected Gumbel-Sigmoid 
 per image are measured and printed.
 
 A preset may carry the shortened blocks' path as a suffix, `drip-b-16-4x@padded` (reference) or `@packed`
-(default `auto`: packed when the batch has padding), to compare both in one run.
+(default `auto`: packed when the batch has padding), to compare both in one run, and config overrides after `+`:
+`dvt-b-16+exit_policy=fixed:1`, `tome-b-16-r8+merge_r=12`.
 
 Per-part profile (`--profile`, and printed whenever a DRIP preset stays below the goal fraction of its MAC
 ratio, `GOALS`): extra steps with a stage callback in the model time embedding + pre blocks, predictor,
@@ -43,9 +44,9 @@ from typing import Optional, Sequence
 import torch
 
 from .calibrate import MODES, calibrate_boundary_bias
-from .config import list_presets
+from .config import list_presets, parse_overrides
 from .families import create_model
-from .flops import analytic_macs, default_tokens_short, macs_breakdown
+from .flops import analytic_macs, default_tokens_short, macs_breakdown, training_macs
 
 # wall: perf_counter (what a user sees). cpu: process CPU time, robust when other jobs share the cores; use it
 # with --threads 1 (with more threads, OpenMP spin-waiting is counted as well)
@@ -148,6 +149,13 @@ def make_adamw(params, lr: float) -> torch.optim.Optimizer:
 
 
 # ---- one preset --------------------------------------------------------------------------------
+def split_spec(spec: str) -> tuple[str, str, dict]:
+    """'PRESET[@PATH][+KEY=VALUE...]' -> (preset, path or '', config overrides)."""
+    head, *pairs = spec.split("+")
+    name, _, path = head.partition("@")
+    return name, path, parse_overrides(pairs)
+
+
 def target_tokens(config) -> int:
     """Visual tokens per image a tower's config aims to output (what an LLM fed with its output gets): DRIP
     L / compression, the plain ViT L, ToMe / DynamicViT their fixed count, A-ViT the patches whose reference
@@ -169,8 +177,8 @@ class Runner:
         torch.manual_seed(seed)
         overrides = {"image_size": image_size} if image_size else {}
         self.preset, self.mode, self.device, self.clock = preset, mode, device, CLOCKS[clock]
-        name, _, path = preset.partition("@")
-        self.model = create_model(name, **overrides).to(device)
+        name, path, fields = split_spec(preset)
+        self.model = create_model(name, **overrides, **fields).to(device)
         self.model.short_path = path or "auto"
         c = self.model.config
         g = torch.Generator().manual_seed(seed + 1)
@@ -231,6 +239,7 @@ class Runner:
 
     def summary(self, batch: int) -> dict:
         c = self.model.config
+        macs = training_macs if self.mode == "train" else analytic_macs  # what the timed step computes
         med = statistics.median(self.times)
         best = min(self.times)
         tokens = statistics.fmean(self.tokens)
@@ -240,8 +249,8 @@ class Runner:
             "times_s": self.times,
             "tokens_target": self.target_tokens, "tokens_mean": tokens, "tokens_min": min(self.counts),
             "tokens_max": max(self.counts), "tokens_padded": padded, "calibrated_bias": self.bias,
-            "gmacs": analytic_macs(c, tokens if c.is_drip else None) / 1e9,
-            "gmacs_padded": analytic_macs(c, padded if c.is_drip else None) / 1e9,
+            "gmacs": macs(c, tokens if c.is_drip else None) / 1e9,
+            "gmacs_padded": macs(c, padded if c.is_drip else None) / 1e9,
             "peak_mem_mb": max(self.mem_mb),
             "short_path": self.model.short_path,
         }
@@ -446,8 +455,8 @@ def run_tower_benchmark(preset: str = "vit-l-14", image_size: Optional[int] = 33
     if clock == "cpu" and dev.type == "cuda":
         raise ValueError("--clock cpu measures host CPU time; use wall on GPU")
     torch.manual_seed(seed)
-    name, _, path = preset.partition("@")
-    model = create_model(name, **({"image_size": image_size} if image_size else {}))
+    name, path, fields = split_spec(preset)
+    model = create_model(name, **({"image_size": image_size} if image_size else {}), **fields)
     model.short_path = path or "auto"
     model = model.to(device=dev, dtype=torch.bfloat16 if bf16 else torch.float32)
     c = model.config
@@ -532,10 +541,14 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     args.presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     specs = args.presets + ([args.tower_preset] if args.llava_tower else [])
-    unknown = [p for p in specs if p.partition("@")[0] not in list_presets(None)]
+    try:
+        parsed = [split_spec(p) for p in specs]
+    except ValueError as e:
+        ap.error(str(e))
+    unknown = [p for p, (name, _, _) in zip(specs, parsed) if name not in list_presets(None)]
     if unknown:
         ap.error(f"unknown preset(s) {unknown}; valid: {', '.join(list_presets(None))}")
-    bad_path = [p for p in specs if p.partition("@")[2] not in ("",) + SHORT_PATHS]
+    bad_path = [p for p, (_, path, _) in zip(specs, parsed) if path not in ("",) + SHORT_PATHS]
     if bad_path:
         ap.error(f"unknown path suffix in {bad_path}; valid: @{', @'.join(SHORT_PATHS)}")
     if args.batch is None:

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import DripVisionConfig, get_preset_config, list_presets
+from .config import DripVisionConfig, create_config, get_preset_config, list_presets
 
 # logits written by the counting hook: far beyond any threshold in (0, 1) after the sigmoid
 _FORCE_LOGIT = 30.0
@@ -176,6 +176,21 @@ def macs_breakdown(config: DripVisionConfig, tokens_short: Optional[float] = Non
 def analytic_macs(config: DripVisionConfig, tokens_short: Optional[float] = None) -> float:
     """MACs per image; tokens_short defaults to round(L * target_rate) (L for a ViT)."""
     return float(macs_breakdown(config, tokens_short)["total"])
+
+
+def training_macs(config: DripVisionConfig, tokens_short: Optional[float] = None) -> float:
+    """MACs per image of a training forward. DynamicViT and A-ViT mask dropped / halted tokens instead of removing
+    them (every block runs on every token; DynamicViT's predictors score all L patches) and DVT runs every exit, so
+    they train at more than their inference figure; DRIP, the ViT and ToMe train on the tokens they infer on."""
+    c = config
+    if c.family == "dynamicvit":
+        return analytic_macs(create_config({**c.to_dict(), "keep_rate": 1.0}))
+    if c.family == "avit":
+        rows = avit_macs(c, [c.num_patches + int(c.class_token)] * c.depth)
+        return float(sum(v for k, v in rows.items() if not k.startswith("tokens")))
+    if c.family == "dvt":
+        return dvt_cumulative_macs(c)[-1]
+    return analytic_macs(c, tokens_short)
 
 
 def even_boundaries(num_patches: int, num_segments: int, batch: int = 1) -> torch.Tensor:

@@ -213,7 +213,7 @@ def _save_figure(fig, axes, out: str, title: Optional[str]) -> Path:
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98) if title else None)  # the title above the panels' own
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
