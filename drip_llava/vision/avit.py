@@ -161,11 +161,8 @@ class AViTVisionModel(FamilyVisionModel):
     def forward_features(self, pixel_values: torch.Tensor, boundaries: Optional[torch.Tensor] = None,
                          output_hidden_states: bool = False, output_layer: Optional[int] = None) -> AViTOutput:
         """`output_layer` = k: see the module docstring (hidden_states[k], its mask, the loss truncated at k)."""
-        self.check_no_boundaries(boundaries)
         c = self.config
-        stop = self.stop_index(output_layer)
-        n_cls = int(c.class_token)
-        x = self.embed(pixel_values)  # [B,T,D]
+        x, stop, n_cls = self.begin(pixel_values, boundaries, output_layer)
         B, T, D = x.shape
         eye = torch.eye(T, dtype=torch.bool, device=x.device)
         running = torch.ones(B, T, dtype=torch.bool, device=x.device)

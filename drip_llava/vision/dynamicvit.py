@@ -102,11 +102,8 @@ class DynamicViTVisionModel(FamilyVisionModel):
                          output_hidden_states: bool = False, output_layer: Optional[int] = None) -> TowerOutput:
         """`output_layer` = k: hidden_states[k] (the stages before block k applied; training: all L tokens, `mask`
         = kept) and the ratio loss of those stages (0 when none ran); later blocks and stages do not run."""
-        self.check_no_boundaries(boundaries)
         c = self.config
-        stop = self.stop_index(output_layer)
-        n_cls = int(c.class_token)
-        x = self.embed(pixel_values)  # [B,T,D]
+        x, stop, n_cls = self.begin(pixel_values, boundaries, output_layer)
         B, T, D = x.shape
         L = T - n_cls
         stage_of = {loc: s for s, loc in enumerate(c.prune_locations)}

@@ -114,6 +114,11 @@ class FamilyVisionModel(DripVisionModel):
         """Blocks to run: depth, or k for `output_layer` = k (an index into hidden_states, negative from the end)."""
         return self.config.depth if output_layer is None else self._output_index(output_layer)
 
+    def begin(self, pixel_values: torch.Tensor, boundaries, output_layer: Optional[int]):
+        """The start of every family's forward_features: (embedded tokens [B, n_cls + L, D], blocks to run, n_cls)."""
+        self.check_no_boundaries(boundaries)
+        return self.embed(pixel_values), self.stop_index(output_layer), int(self.config.class_token)
+
     @staticmethod
     def check_no_boundaries(boundaries) -> None:
         if boundaries is not None:

@@ -121,11 +121,8 @@ class ToMeVisionModel(FamilyVisionModel):
     def forward_features(self, pixel_values: torch.Tensor, boundaries: Optional[torch.Tensor] = None,
                          output_hidden_states: bool = False, output_layer: Optional[int] = None) -> TowerOutput:
         """`output_layer` = k: the merged tokens after block k (hidden_states[k]); later blocks do not run."""
-        self.check_no_boundaries(boundaries)
         c = self.config
-        stop = self.stop_index(output_layer)
-        n_cls = int(c.class_token)
-        x = self.embed(pixel_values)  # [B,T,D]
+        x, stop, n_cls = self.begin(pixel_values, boundaries, output_layer)
         B, T, D = x.shape
         size = None  # [B,T,1] patches per token; None while nothing is merged (ViT path, exact)
         patch_token = torch.arange(n_cls, T, device=x.device).expand(B, -1)  # [B,L] token index of each patch
