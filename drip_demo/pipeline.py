@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from drip_llava.distributed import free_port
+from drip_llava.distributed import free_port, release_orphan_deepspeed_shm
 from drip_llava.jsonl import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +142,7 @@ class Demo:
                     sys.stdout.write(prefix + line)
                     sys.stdout.flush()
         if proc.wait() != 0:
+            release_orphan_deepspeed_shm()  # the RAM of ranks the launcher killed
             raise SystemExit(f"demo: step '{name}' failed (exit {proc.returncode}); see {log}")
 
     def run_parallel(self, jobs: list[tuple[str, list]]):

@@ -69,6 +69,48 @@ def release_deepspeed_shm() -> None:
         deepspeed_shm_buffer().unlink(missing_ok=True)
 
 
+def orphan_deepspeed_shm(root: Path = Path("/dev/shm")) -> list[Path]:
+    """This user's DeepSpeed allreduce segments of finished runs: left by ranks killed before `release_deepspeed_shm`
+    (the deepspeed launcher SIGKILLs the other ranks when one fails). A segment counts as live while its run's
+    rendezvous port (in its name) cannot be bound here (in use, or not this machine's address) or a process whose
+    memory map is readable maps it."""
+    if not hasattr(os, "getuid"):
+        return []
+    candidates = []
+    for seg in sorted(root.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")):
+        head, port, _rank = seg.name.rsplit("_", 2)
+        addr = head[len(f"deepspeed_allreduce_buffer_{os.getuid()}_"):]
+        if port.isdigit() and not _port_taken(addr, int(port)):
+            candidates.append(seg)
+    if not candidates:
+        return []
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # exited meanwhile, or not readable (its rank would hold the port)
+            continue
+        mapped.update(seg for seg in candidates if str(seg) in text)
+    return [seg for seg in candidates if seg not in mapped]
+
+
+def _port_taken(addr: str, port: int) -> bool:
+    try:
+        with socket.socket() as s:
+            s.bind((addr, port))
+        return False
+    except OSError:  # in use, or not an address of this machine
+        return True
+
+
+def release_orphan_deepspeed_shm(root: Path = Path("/dev/shm")) -> int:
+    """Unlink `orphan_deepspeed_shm(root)`; returns how many."""
+    orphans = orphan_deepspeed_shm(root)
+    for seg in orphans:
+        seg.unlink(missing_ok=True)
+    return len(orphans)
+
+
 def exit_after_main(main: Callable[[], Any]) -> None:
     """Run a launcher entry point; on a multi-process run that returned, flush and `os._exit(0)` so that teardown
     cannot fail the finished run. `main` has already left the group (every entry point ends with

@@ -16,6 +16,16 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _release_orphan_deepspeed_shm():
+    """Tests that make a 2-rank DeepSpeed run fail on purpose leave the RAM of the ranks its launcher killed in
+    /dev/shm; the session frees it."""
+    yield
+    from drip_llava.distributed import release_orphan_deepspeed_shm
+
+    release_orphan_deepspeed_shm()
+
+
 @pytest.fixture(scope="session")
 def embedded_tokenizer_dir():
     """Folder with SmolLM2-135M-Instruct's tokenizer (and chat template)."""

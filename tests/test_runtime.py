@@ -1,6 +1,7 @@
 """The one precision / CPU-threads policy (drip_llava.runtime), as the trainer, pretrain_projector.py and the
 shell launchers (scripts/launch_env.sh) see it. This machine has no GPU: the CPU branch is the one tested."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,31 @@ def test_launcher_entry_points_release_deepspeeds_shm_segment(monkeypatch, tmp_p
     with pytest.raises(RuntimeError, match="rank failed"):
         exit_after_main(crash)
     assert not seg.exists()
+
+
+def test_orphan_deepspeed_segments_are_those_of_finished_runs(tmp_path):
+    """A rank the launcher SIGKILLed never reaches exit_after_main: its segment is freed once no process maps it
+    and its run's rendezvous port is free."""
+    from drip_llava.distributed import free_port, orphan_deepspeed_shm, release_orphan_deepspeed_shm
+
+    port = free_port()
+    held, left = (tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{r}" for r in (0, 1))
+    listening = socket.socket()  # a live run's rendezvous
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    live = tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{listening.getsockname()[1]}_0"
+    for p in (held, left, live, tmp_path / "another_segment"):
+        p.write_bytes(b"\0" * 4096)
+    code = ("import mmap, sys, time; f = open(sys.argv[1], 'r+b'); m = mmap.mmap(f.fileno(), 4096); "
+            "print('mapped', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(held)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "mapped"
+        assert orphan_deepspeed_shm(tmp_path) == [left]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert release_orphan_deepspeed_shm(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["another_segment", live.name])
+    listening.close()
+    assert orphan_deepspeed_shm(tmp_path) == [live]
