@@ -70,8 +70,8 @@ class Plan:
 
 
 # CLIP as the demo (130 steps, batch 32 per rank); LLaVA per method shortened from the demo's (stage 1 40 -> 30
-# steps, stage 2 60 -> 30 with 20 of colour warm-up, 180 image problems instead of 540). Seven towers take ~47
-# minutes of stages on 2 cores (docs/results.md, "Tower comparison"): ~2-4 min of CLIP and ~3-4 min of LLaVA each.
+# steps, stage 2 60 -> 30 with 20 of colour warm-up, 180 image problems instead of 540). Seven towers take 38
+# minutes on 2 cores (docs/results.md, "Tower comparison"): ~1.5-2 min of CLIP and ~3-4 min of LLaVA each.
 FULL = Plan(demo=Budget(n_train=8000, n_val=800, clip_steps=130, clip_batch=32, clip_lr=5e-4, stage1_steps=30,
                         stage2_steps=30, stage2_warmup_steps=20, llava_batch=4, stage1_lr=1e-2, stage2_lr=5e-4,
                         lora_r=16, n_eval=180, n_letter=0, n_exact=0, probe_images=(800, 400), n_image_use=0))
