@@ -239,7 +239,7 @@ def tower_stats(folder: Path, images: list[Path], batch: int = 50, seed: int = 0
 
     from drip_llava.model.vision_tower import build_vision_tower
     from drip_llava.vision.families import from_pretrained
-    from drip_llava.vision.flops import analytic_macs, avit_macs, dvt_cumulative_macs
+    from drip_llava.vision.flops import analytic_macs, avit_macs, dvt_cumulative_macs, total_macs
 
     torch.manual_seed(seed)  # DynamicViT's training-mode keep decisions are Gumbel samples
     model = from_pretrained(folder).eval()
@@ -257,7 +257,7 @@ def tower_stats(folder: Path, images: list[Path], batch: int = 50, seed: int = 0
             if c.family == "avit":  # tokens entering block i: those halting after it (CLS included)
                 for d in out.token_depth:
                     parts = avit_macs(c, [int((d > i).sum()) for i in range(c.depth)])
-                    macs.append(sum(v for k, v in parts.items() if not k.startswith("tokens")))
+                    macs.append(total_macs(parts))
                 aux += out.token_depth.float().mean(1).tolist()
             elif c.family == "dvt":
                 exits += out.exit_index.tolist()

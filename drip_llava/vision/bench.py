@@ -167,7 +167,6 @@ def target_tokens(config) -> int:
     return config.max_tokens
 
 
-
 class Runner:
     """A random-init model + optimizer + fixed batch; `step()` runs one timed infer / train step."""
 

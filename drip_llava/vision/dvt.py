@@ -196,9 +196,7 @@ def token_resampler(g_in: int, g_out: int, n_cls: int) -> tuple[torch.Tensor, Op
     m = torch.block_diag(torch.eye(n_cls, dtype=m.dtype), m)
     S = int((m != 0).sum(1).max())
     w, idx = m.topk(S, dim=1)  # zero weights pad rows with fewer inputs
-    if bool((w[:, 0] == 1).all()) and S == 1:
-        return idx, None
-    return idx, w.float()
+    return idx, (None if S == 1 else w.float())  # rows sum to 1: one input means a copy
 
 
 def resample(t: torch.Tensor, dim: int, g_in: int, g_out: int, n_cls: int) -> torch.Tensor:

@@ -131,8 +131,12 @@ def dvt_macs(config, exit: Optional[int] = None, num_classes: int = 0) -> dict:
 
 def dvt_cumulative_macs(config, num_classes: int = 0) -> list[float]:
     """[K] MACs of an image leaving at each exit (what `dvt.fit_exit_thresholds` takes)."""
-    return [float(sum(v for key, v in dvt_macs(config, k, num_classes).items() if not key.startswith("tokens")))
-            for k in range(config.num_exits)]
+    return [float(total_macs(dvt_macs(config, k, num_classes))) for k in range(config.num_exits)]
+
+
+def total_macs(parts: dict):
+    """The MACs of a family's per-part breakdown (its `tokens*` entries are counts, not MACs)."""
+    return sum(v for k, v in parts.items() if not k.startswith("tokens"))
 
 
 FAMILY_MACS = {"tome": tome_macs, "dynamicvit": dynamicvit_macs, "avit": avit_macs, "dvt": dvt_macs}
@@ -147,7 +151,7 @@ def macs_breakdown(config: DripVisionConfig, tokens_short: Optional[float] = Non
         if c.family not in FAMILY_MACS:
             raise KeyError(f"no MAC formula for family {c.family!r}; valid: drip, {', '.join(sorted(FAMILY_MACS))}")
         out = FAMILY_MACS[c.family](c)
-        out["total"] = sum(v for k, v in out.items() if not k.startswith("tokens"))
+        out["total"] = total_macs(out)
         return out
     L, D, n_cls = c.num_patches, c.hidden_size, int(c.class_token)
     H = int(D * c.mlp_ratio)
@@ -186,8 +190,7 @@ def training_macs(config: DripVisionConfig, tokens_short: Optional[float] = None
     if c.family == "dynamicvit":
         return analytic_macs(create_config({**c.to_dict(), "keep_rate": 1.0}))
     if c.family == "avit":
-        rows = avit_macs(c, [c.num_patches + int(c.class_token)] * c.depth)
-        return float(sum(v for k, v in rows.items() if not k.startswith("tokens")))
+        return float(total_macs(avit_macs(c, [c.num_patches + int(c.class_token)] * c.depth)))
     if c.family == "dvt":
         return dvt_cumulative_macs(c)[-1]
     return analytic_macs(c, tokens_short)
